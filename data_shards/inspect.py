@@ -33,7 +33,7 @@ def summarize(urls: str, *, examples: int = 3, hdfs_command: str = "hdfs dfs -ca
         per_shard[os.path.basename(sample["__url__"])] += 1
         fields.update(ext for ext in sample if not ext.startswith("__"))
         if isinstance(sample.get("json"), dict):
-            json_fields.update(sample["json"])
+            json_fields.update(sample["json"].keys())
         if len(shown) < examples:
             shown.append(_example(sample))
     return {

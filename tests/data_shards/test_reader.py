@@ -160,3 +160,20 @@ def test_two_image_members_stay_bytes(tmp_path):
     (sample,) = list(ShardReader(str(path)))
     assert set(sample) >= {"0.jpg", "1.jpg", "txt"} and sample["0.jpg"] != sample["1.jpg"]
     assert io.BytesIO(sample["1.jpg"]).read(2) == b"\xff\xd8"
+
+
+def test_s3_shards_split_over_ranks_and_resume(tmp_path, s3_bucket):
+    paths = write_dataset(tmp_path, num_shards=4, per_shard=5)
+    for path in paths:
+        with storage.atomic_write(f"s3://{s3_bucket}/data/{path.rsplit('/', 1)[1]}") as sink:
+            sink.write(open(path, "rb").read())
+    pattern = f"s3://{s3_bucket}/data/train-{{000000..000003}}.tar"
+    seen = [keys_of(ShardReader(pattern, rank=rank, world_size=2, shuffle_buffer=4, seed=1)) for rank in range(2)]
+    assert sorted(seen[0] + seen[1]) == sorted(f"s{s:03d}k{i:04d}" for s in range(4) for i in range(5))
+
+    reader = ShardReader(pattern, shuffle_buffer=4, seed=1)
+    stream = iter(reader)
+    head = [next(stream)["__key__"] for _ in range(7)]
+    resumed = ShardReader(pattern, shuffle_buffer=4, seed=1)
+    resumed.load_state_dict(reader.state_dict())
+    assert head + keys_of(resumed) == keys_of(ShardReader(pattern, shuffle_buffer=4, seed=1))
