@@ -6,6 +6,7 @@ import io
 import json
 import tarfile
 from collections import Counter
+from pathlib import Path
 
 import pytest
 from torch.utils.data import DataLoader
@@ -166,7 +167,7 @@ def test_s3_shards_split_over_ranks_and_resume(tmp_path, s3_bucket):
     paths = write_dataset(tmp_path, num_shards=4, per_shard=5)
     for path in paths:
         with storage.atomic_write(f"s3://{s3_bucket}/data/{path.rsplit('/', 1)[1]}") as sink:
-            sink.write(open(path, "rb").read())
+            sink.write(Path(path).read_bytes())
     pattern = f"s3://{s3_bucket}/data/train-{{000000..000003}}.tar"
     seen = [keys_of(ShardReader(pattern, rank=rank, world_size=2, shuffle_buffer=4, seed=1)) for rank in range(2)]
     assert sorted(seen[0] + seen[1]) == sorted(f"s{s:03d}k{i:04d}" for s in range(4) for i in range(5))
