@@ -1,0 +1,1 @@
+"""Tests of the model code: the vision encoder, the fusion BERT text encoder and the ALBEF model."""
