@@ -1,0 +1,163 @@
+"""Image-text contrastive losses: ALBEF's ITC with momentum distillation and queues, and plain InfoNCE.
+
+``itc_loss`` is ALBEF's ``loss_ita`` (reference/albef.md section 2; section 5 for retrieval). Each online
+feature is compared with the local momentum batch followed by the queue (``[B | Q]`` columns). The
+target is ``alpha * softmax(momentum similarities / temp) + (1 - alpha) * hard``, where ``hard`` is
+one-hot on the diagonal of the first B columns (pretraining) or the row-normalised ``positives`` mask
+(retrieval: every column showing the same image). Per direction ``-sum(log_softmax(sim) * target)``
+averaged over rows; the loss is ``(i2t + t2i) / 2``. Targets carry no gradient, so only the online
+features and ``temp`` learn. Similarities are computed in fp32 whatever the feature dtype, because
+``1 / temp`` up to 1000 over 65k columns is where bf16 softmax loses the target.
+
+All features must already be L2-normalised ([B, D] rows; queues (D, Q) columns, as ``FeatureQueue``).
+
+``contrastive_loss_in_batch`` is symmetric InfoNCE whose negatives are the whole global batch
+(``all_gather_with_grad``), for objectives without queues (X-VLM, ViCHA hierarchical ITC).
+
+Use::
+
+    out = itc_loss(image_feat, text_feat, image_feat_m, text_feat_m, image_queue.features,
+                   text_queue.features, temp, alpha)
+    out.loss.backward()
+    negatives = sample_hard_negatives(out.in_batch_sim_i2t, out.in_batch_sim_t2i, exclude)  # itm.py
+
+Tests: ``.venv/bin/python -m pytest -q tests/pretrain/objectives/test_itc.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from pretrain.objectives.distributed import all_gather_with_grad, world
+
+
+@dataclass
+class ITCOutput:
+    """The loss and its parts; similarities are online vs ``[momentum batch | queue]``, divided by temp."""
+
+    loss: torch.Tensor
+    loss_i2t: torch.Tensor
+    loss_t2i: torch.Tensor
+    sim_i2t: torch.Tensor  # [B, B + Q]: online image rows vs momentum text batch then text queue
+    sim_t2i: torch.Tensor  # [B, B + Q]: online text rows vs momentum image batch then image queue
+
+    @property
+    def in_batch_sim_i2t(self) -> torch.Tensor:
+        """[B, B] local in-batch columns, what ALBEF samples ITM hard negatives from."""
+        return self.sim_i2t[:, : self.sim_i2t.shape[0]]
+
+    @property
+    def in_batch_sim_t2i(self) -> torch.Tensor:
+        return self.sim_t2i[:, : self.sim_t2i.shape[0]]
+
+
+def retrieval_positives(ids: torch.Tensor, queue_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """bool [B, B + Q]: column j is a positive of row b when it shows the same image (ALBEF ``idx``).
+
+    ``ids`` [B] are the local batch's image ids; ``queue_ids`` are the queue's ids (``FeatureQueue.ids``,
+    shape (1, Q), -100 where empty) or None when there is no queue.
+    """
+    ids = ids.reshape(-1)
+    columns = ids if queue_ids is None else torch.cat([ids, queue_ids.reshape(-1).to(ids.device)])
+    return ids[:, None] == columns[None, :]
+
+
+def _hard_targets(batch_size: int, columns: int, positives: torch.Tensor | None, device) -> torch.Tensor:
+    if positives is None:
+        targets = torch.zeros(batch_size, columns, device=device)
+        targets[:, :batch_size] = torch.eye(batch_size, device=device)
+        return targets
+    if tuple(positives.shape) != (batch_size, columns):
+        raise ValueError(f"positives must be bool [{batch_size}, {columns}], got {list(positives.shape)}")
+    positives = positives.to(device=device, dtype=torch.float32)
+    counts = positives.sum(dim=1, keepdim=True)
+    if bool((counts == 0).any()):
+        raise ValueError("every row of positives needs at least one True (its own pair in the first B columns)")
+    return positives / counts
+
+
+def _direction_loss(similarity: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return -(F.log_softmax(similarity, dim=1) * targets).sum(dim=1).mean()
+
+
+def itc_loss(
+    image_feat: torch.Tensor,
+    text_feat: torch.Tensor,
+    image_feat_m: torch.Tensor,
+    text_feat_m: torch.Tensor,
+    image_queue: torch.Tensor,
+    text_queue: torch.Tensor,
+    temp: torch.Tensor | float,
+    alpha: float,
+    positives: torch.Tensor | None = None,
+) -> ITCOutput:
+    """ALBEF ITC with momentum distillation.
+
+    image_feat, text_feat: [B, D] online features (with grad). image_feat_m, text_feat_m: [B, D] momentum
+    features of the same local batch. image_queue, text_queue: (D, Q) past momentum features (Q may be 0).
+    temp: scalar (learnable tensor or float). alpha: distillation weight in [0, 1] (0 = hard targets only).
+    positives: optional bool [B, B + Q] multi-positive mask (see ``retrieval_positives``), used by both
+    directions; None means one-hot on the diagonal of the first B columns.
+    """
+    batch_size = image_feat.shape[0]
+    for name, tensor in (("text_feat", text_feat), ("image_feat_m", image_feat_m), ("text_feat_m", text_feat_m)):
+        if tuple(tensor.shape) != tuple(image_feat.shape):
+            raise ValueError(f"{name} has shape {list(tensor.shape)}, expected {list(image_feat.shape)}")
+    if image_queue.shape != text_queue.shape or image_queue.shape[0] != image_feat.shape[1]:
+        raise ValueError(
+            f"queues must both be ({image_feat.shape[1]}, Q), "
+            f"got {list(image_queue.shape)} and {list(text_queue.shape)}"
+        )
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
+
+    image_feat, text_feat = image_feat.float(), text_feat.float()
+    with torch.no_grad():
+        image_all = torch.cat([image_feat_m.detach().float().T, image_queue.detach().float()], dim=1)
+        text_all = torch.cat([text_feat_m.detach().float().T, text_queue.detach().float()], dim=1)
+    temp_float = temp.float() if isinstance(temp, torch.Tensor) else temp
+    sim_i2t = image_feat @ text_all / temp_float
+    sim_t2i = text_feat @ image_all / temp_float
+
+    with torch.no_grad():
+        hard = _hard_targets(batch_size, sim_i2t.shape[1], positives, sim_i2t.device)
+        if alpha > 0:
+            temp_detached = temp_float.detach() if isinstance(temp_float, torch.Tensor) else temp_float
+            sim_i2t_m = image_feat_m.detach().float() @ text_all / temp_detached
+            sim_t2i_m = text_feat_m.detach().float() @ image_all / temp_detached
+            targets_i2t = alpha * F.softmax(sim_i2t_m, dim=1) + (1 - alpha) * hard
+            targets_t2i = alpha * F.softmax(sim_t2i_m, dim=1) + (1 - alpha) * hard
+        else:
+            targets_i2t = targets_t2i = hard
+
+    loss_i2t = _direction_loss(sim_i2t, targets_i2t)
+    loss_t2i = _direction_loss(sim_t2i, targets_t2i)
+    return ITCOutput(
+        loss=(loss_i2t + loss_t2i) / 2, loss_i2t=loss_i2t, loss_t2i=loss_t2i, sim_i2t=sim_i2t, sim_t2i=sim_t2i
+    )
+
+
+def contrastive_loss_in_batch(
+    image_feat: torch.Tensor, text_feat: torch.Tensor, temp: torch.Tensor | float
+) -> torch.Tensor:
+    """Symmetric InfoNCE: each local row against every rank's batch, the matching pair as the only positive.
+
+    image_feat, text_feat: [B, D] normalised features. Each rank's loss is the mean over its local rows;
+    gradients reach the other ranks' rows through ``all_gather_with_grad``, so after DeepSpeed averages
+    gradients over ranks the update equals that of one process holding the whole global batch.
+    """
+    if tuple(image_feat.shape) != tuple(text_feat.shape):
+        raise ValueError(f"image_feat {list(image_feat.shape)} and text_feat {list(text_feat.shape)} differ")
+    rank, _ = world()
+    batch_size = image_feat.shape[0]
+    image_feat, text_feat = image_feat.float(), text_feat.float()
+    temp_float = temp.float() if isinstance(temp, torch.Tensor) else temp
+    all_image = all_gather_with_grad(image_feat)
+    all_text = all_gather_with_grad(text_feat)
+    labels = torch.arange(batch_size, device=image_feat.device) + rank * batch_size
+    loss_i2t = F.cross_entropy(image_feat @ all_text.T / temp_float, labels)
+    loss_t2i = F.cross_entropy(text_feat @ all_image.T / temp_float, labels)
+    return (loss_i2t + loss_t2i) / 2

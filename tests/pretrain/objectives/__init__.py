@@ -1,0 +1,1 @@
+"""Tests for pretrain/objectives/, one file per module."""
