@@ -343,6 +343,17 @@ def write_json(url: str, value: dict) -> None:
         sink.write((json.dumps(value, indent=2) + "\n").encode())
 
 
+def merged_sizes(folder: str, results: list[ShardResult]) -> dict:
+    """One sizes.json per folder (OpenCLIP): keep other builds' shards there, update ours."""
+    sizes_url = storage.join(folder, "sizes.json")
+    sizes = {}
+    if storage.exists(sizes_url):
+        with contextlib.suppress(ValueError):
+            sizes = json.loads(storage.read_bytes(sizes_url))
+    sizes.update({result.name: result.written for result in results})
+    return dict(sorted(sizes.items()))
+
+
 def build(args: argparse.Namespace) -> int:
     started = time.monotonic()
     check_arguments(args)
@@ -359,7 +370,7 @@ def build(args: argparse.Namespace) -> int:
     storage.discard_partial_writes(folder, [url.rpartition("/")[2] for url in ours] + OUTPUT_FILES)
     results = sorted(run_jobs(jobs, args.workers), key=lambda result: result.index)
     manifest = summarize(args, input_tallies, results, time.monotonic() - started)
-    write_json(storage.join(folder, "sizes.json"), {result.name: result.written for result in results})
+    write_json(storage.join(folder, "sizes.json"), merged_sizes(folder, results))
     write_json(storage.join(folder, "manifest.json"), manifest)
     print(f"wrote {manifest['written']} samples in {len(results)} shards ({manifest['shards_skipped']} "
           f"already done) to {folder}; rejected {manifest['rejected']} of {manifest['records']}",

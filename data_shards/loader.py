@@ -120,6 +120,8 @@ class StreamingLoader:
         total = Counter(self._skipped_earlier)
         for position in self._positions.values():
             total.update(position.get("skipped", {}))
+        if self._dali is not None:
+            total.update(self._dali.skipped)
         return total
 
     def state_dict(self) -> dict:
@@ -162,6 +164,8 @@ class StreamingLoader:
     def end_epoch(self) -> None:
         """Move to the next epoch; called at the natural end, or by a caller that stops all ranks early."""
         self._skipped_earlier = self.skipped
+        if self._dali is not None:
+            self._dali.skipped.clear()  # now counted in _skipped_earlier
         self.epoch += 1
         self.batches_in_epoch = 0
         self._positions = {}
@@ -171,6 +175,7 @@ class StreamingLoader:
             from data_shards.dali_pipeline import DaliDecoder
 
             self._dali = DaliDecoder(self.transform_config, self.batch_size, device=self.device, seed=self.seed)
+        self._dali.set_epoch(self.epoch)
         return self._dali.decode(samples)
 
 

@@ -383,3 +383,14 @@ def test_all_rejected_shard_is_written_empty_and_reported(tmp_path, capsys, bad_
     assert json.loads((out / "sizes.json").read_text()) == {
         "e-000000.tar": 2, "e-000001.tar": 2, "e-000002.tar": 0, "e-000003.tar": 0}
     assert read_tar(out / "e-000002.tar") == []
+
+
+def test_two_builds_in_one_folder_share_sizes_json(tmp_path, capsys, captioned):
+    annotations, images = captioned
+    output = tmp_path / "out"
+    for name, per_shard in (("one", "11"), ("two", "4")):
+        status, _ = run_build(capsys, "--input", annotations, "--format", "albef", "--image-root", images,
+                              "--output", str(output / f"{name}-%06d.tar"), "--samples-per-shard", per_shard)
+        assert status == 0
+    assert json.loads((output / "sizes.json").read_text()) == {
+        "one-000000.tar": 11, "two-000000.tar": 4, "two-000001.tar": 4, "two-000002.tar": 3}
