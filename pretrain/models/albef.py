@@ -53,7 +53,9 @@ class ALBEFModel(nn.Module):
         self.text_proj = nn.Linear(text_encoder.hidden_size, embed_dim)
         self.itm_head = nn.Linear(text_encoder.hidden_size, 2)
         # 0-d, as in ALBEF, so checkpoints exchange it without reshaping.
-        self.temp = nn.Parameter(torch.tensor(float(temp)))
+        # Shape [1], not ALBEF's 0-d: DeepSpeed's parameter broadcast cannot view a 0-d tensor as
+        # bytes. The key maps below convert at the checkpoint boundary.
+        self.temp = nn.Parameter(torch.tensor([float(temp)]))
 
     def image_embeddings(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``images`` [B, 3, H, W] -> (tokens [B, 1+N, D], L2-normalised projected CLS [B, embed_dim])."""
@@ -150,6 +152,8 @@ def from_albef_state_dict(state_dict: dict, num_patches: int | None = None) -> t
             key = "text_encoder.bert." + key[len("text_encoder.") :]
         if key == "visual_encoder.pos_embed" and num_patches is not None:
             value = interpolate_pos_embed(value, num_patches)
+        if key == "temp":
+            value = value.reshape(1)
         target[key] = value
     return model_state, momentum_state, queue_state
 
@@ -162,6 +166,8 @@ def to_albef_state_dict(model_state: dict, momentum_state: dict | None = None, q
     4.8) loads strictly and expects it.
     """
     albef_state = dict(model_state)
+    if "temp" in albef_state:
+        albef_state["temp"] = albef_state["temp"].reshape(())
     for key, value in (momentum_state or {}).items():
         module, rest = key.split(".", 1)
         if module not in MOMENTUM_MODULES:

@@ -79,7 +79,7 @@ def inputs():
 def test_state_dict_follows_the_albef_layout(model):
     state = model.state_dict()
     representative = {
-        "temp": (),
+        "temp": (1,),  # [1] here (DeepSpeed cannot broadcast 0-d params); 0-d again in ALBEF files
         "visual_encoder.cls_token": (1, 1, 64),
         "visual_encoder.pos_embed": (1, 5, 64),
         "visual_encoder.patch_embed.proj.weight": (64, 3, 16, 16),
@@ -127,6 +127,7 @@ def synthesized_albef_checkpoint(model: ALBEFModel) -> dict:
     checkpoint["image_queue"] = F.normalize(torch.randn(EMBED_DIM, 64, generator=generator), dim=0)
     checkpoint["text_queue"] = F.normalize(torch.randn(EMBED_DIM, 64, generator=generator), dim=0)
     checkpoint["queue_ptr"] = torch.tensor([8])
+    checkpoint["temp"] = checkpoint["temp"].reshape(())  # 0-d in ALBEF's files
     return checkpoint
 
 
@@ -138,7 +139,7 @@ def test_albef_checkpoint_splits_loads_strictly_and_round_trips():
     fresh = tiny_random_albef(seed=1)
     fresh.load_state_dict(model_state, strict=True)
     for key, value in fresh.state_dict().items():
-        torch.testing.assert_close(value, checkpoint[key], rtol=0, atol=0)
+        torch.testing.assert_close(value, checkpoint[key].reshape(value.shape), rtol=0, atol=0)
 
     assert set(queue_state) == {"image_queue", "text_queue", "queue_ptr"}
     assert not any(key.endswith("position_ids") for key in {**model_state, **momentum_state})
@@ -187,7 +188,7 @@ def test_finetuned_layout_without_bert_prefix_and_new_image_size():
 
 def test_temperature_clamp_is_in_place_and_untracked():
     model = tiny_albef()
-    assert model.temp.dim() == 0 and model.temp.item() == pytest.approx(0.07)
+    assert model.temp.shape == (1,) and model.temp.item() == pytest.approx(0.07)
     for start, clamped in ((1e-4, 0.001), (0.9, 0.5), (0.07, 0.07)):
         with torch.no_grad():
             model.temp.fill_(start)

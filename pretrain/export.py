@@ -1,0 +1,104 @@
+"""``python -m pretrain.export CKPT_DIR OUT.safetensors [--tag global_stepN]``: consolidated fp32 weights.
+
+Reads a pretraining checkpoint at any ZeRO stage (0-3, with or without offload), gathers the full fp32
+weights (DeepSpeed's ``zero_to_fp32`` consolidation for ZeRO, the module states for stage 0), adds the
+momentum encoders and queues from the task state, and writes one ``safetensors`` file whose keys follow
+the released ALBEF layout (``visual_encoder.*``, ``text_encoder.bert.*``, ``text_encoder.cls.*``,
+projections, ``itm_head``, ``temp``, ``*_m.*``, ``image_queue``, ``text_queue``, ``queue_ptr``). The
+resolved experiment config is written beside it as ``OUT.yaml`` and embedded in the file's metadata.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from pretrain.checkpoint import read_latest
+
+MODEL_PREFIX = "model."
+
+
+def _module_state_from_stage0(tag_dir: str) -> dict:
+    path = os.path.join(tag_dir, "mp_rank_00_model_states.pt")
+    states = torch.load(path, map_location="cpu", weights_only=False)
+    return {name: tensor.float() if tensor.is_floating_point() else tensor
+            for name, tensor in states["module"].items()}
+
+
+def consolidated_module_state(directory: str, tag: str) -> dict:
+    """Full fp32 state dict of the engine's module (the task), whatever the ZeRO stage."""
+    tag_dir = os.path.join(directory, tag)
+    if not os.path.isdir(tag_dir):
+        raise FileNotFoundError(f"checkpoint {tag_dir} does not exist")
+    if glob.glob(os.path.join(tag_dir, "*zero_pp_rank_*_optim_states.pt")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(directory, tag=tag)
+        # zero_to_fp32 skips buffers; take them (e.g. position ids) from the model-states file.
+        model_files = sorted(glob.glob(os.path.join(tag_dir, "*model_states.pt")))
+        buffers = torch.load(model_files[0], map_location="cpu", weights_only=False).get("buffer_names", [])
+        module = torch.load(model_files[0], map_location="cpu", weights_only=False).get("module") or {}
+        for name in buffers:
+            if name in module and name not in state:
+                state[name] = module[name]
+        return state
+    return _module_state_from_stage0(tag_dir)
+
+
+def albef_state_dict(directory: str, tag: str) -> dict:
+    module_state = consolidated_module_state(directory, tag)
+    state = {name[len(MODEL_PREFIX):]: tensor for name, tensor in module_state.items()
+             if name.startswith(MODEL_PREFIX)}
+    if "temp" in state:
+        state["temp"] = state["temp"].reshape(())  # ALBEF's files hold a 0-d temperature
+    task_state = torch.load(os.path.join(directory, tag, "task_state.pt"), map_location="cpu", weights_only=False)
+    state.update(task_state["momentum"])
+    image_queue, text_queue = task_state["image_queue"], task_state["text_queue"]
+    state["image_queue"] = image_queue["features"]
+    state["text_queue"] = text_queue["features"]
+    state["queue_ptr"] = torch.as_tensor(image_queue["ptr"]).reshape(1).long()
+    # safetensors refuses shared storage (the tied MLM decoder); every tensor gets its own copy.
+    return {name: tensor.detach().clone().contiguous() for name, tensor in state.items()}
+
+
+def export(checkpoint: str, output: str, tag: str | None = None) -> str:
+    directory = os.path.normpath(checkpoint)
+    if tag is None and os.path.basename(directory).startswith("global_step"):
+        directory, tag = os.path.dirname(directory), os.path.basename(directory)
+    tag = tag or read_latest(directory)
+    if tag is None:
+        raise FileNotFoundError(f"{checkpoint}: no 'latest' file; pass --tag or a global_stepN directory")
+    state = albef_state_dict(directory, tag)
+    config_path = os.path.join(directory, tag, "config.yaml")
+    config_text = Path(config_path).read_text() if os.path.exists(config_path) else ""
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    save_file(state, output, metadata={"format": "pt", "source": os.path.join(directory, tag),
+                                       "config": config_text})
+    with open(os.path.splitext(output)[0] + ".yaml", "w") as handle:
+        handle.write(config_text)
+    return tag
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pretrain.export", description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint", help="checkpoints directory (with 'latest') or DIR/global_stepN")
+    parser.add_argument("output", help="output .safetensors file")
+    parser.add_argument("--tag", default=None, help="checkpoint tag (default: the one 'latest' names)")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        tag = export(args.checkpoint, args.output, args.tag)
+    except FileNotFoundError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"wrote {args.output} from {tag}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""``python -m pretrain.report RUN_DIR --summary FILE [--plot FILE.png]``: summarise a pretraining run.
+
+Reads ``RUN_DIR/results.json`` and ``RUN_DIR/logs/metrics.jsonl`` (written by ``python -m pretrain``),
+merges ``{"pretrain": {steps, seconds, final_loss, zero_shot_retrieval}}`` into the summary JSON (other
+sections of an existing summary are kept), prints zero-shot R@1/5/10 beside chance, and plots every
+loss term over steps to a PNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+RETRIEVAL_KEYS = ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean", "chance_r1")
+
+
+def read_losses(run_dir: str) -> dict[str, list[tuple[int, float]]]:
+    series: dict[str, list[tuple[int, float]]] = {}
+    with open(os.path.join(run_dir, "logs", "metrics.jsonl")) as handle:
+        for line in handle:
+            record = json.loads(line)
+            if "step" not in record:
+                continue
+            for name in ("loss", "itc", "itm", "mlm"):
+                if name in record:
+                    series.setdefault(name, []).append((record["step"], record[name]))
+    return series
+
+
+def plot_losses(series: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4))
+    for name, points in series.items():
+        steps, values = zip(*sorted(points), strict=True)
+        axis.plot(steps, values, label=name, linewidth=2 if name == "loss" else 1)
+    axis.set_xlabel("optimizer step")
+    axis.set_ylabel("loss")
+    axis.set_title("pretraining losses")
+    axis.legend()
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def summarize(run_dir: str, summary_path: str, plot_path: str | None) -> dict:
+    with open(os.path.join(run_dir, "results.json")) as handle:
+        results = json.load(handle)
+    section = {key: results[key] for key in ("steps", "seconds", "final_loss") if key in results}
+    retrieval = results.get("zero_shot_retrieval")
+    if retrieval:
+        section["zero_shot_retrieval"] = {key: retrieval[key] for key in RETRIEVAL_KEYS if key in retrieval}
+    summary = {}
+    if os.path.exists(summary_path):
+        with open(summary_path) as handle:
+            summary = json.load(handle)
+    summary["pretrain"] = section
+    os.makedirs(os.path.dirname(os.path.abspath(summary_path)), exist_ok=True)
+    with open(summary_path, "w") as handle:
+        json.dump(summary, handle, indent=2)
+    if plot_path:
+        plot_losses(read_losses(run_dir), plot_path)
+    return section
+
+
+def print_section(section: dict) -> None:
+    print(f"pretraining: {section['steps']} steps in {section['seconds']:.0f}s; final losses "
+          + ", ".join(f"{name} {value:.3f}" for name, value in section["final_loss"].items()))
+    retrieval = section.get("zero_shot_retrieval")
+    if retrieval:
+        chance = retrieval["chance_r1"]
+        print(f"zero-shot retrieval (ITC) on the val split, R@1 chance = {chance:.2f}%")
+        print(f"  image->text  R@1 {retrieval['txt_r1']:6.2f}  R@5 {retrieval['txt_r5']:6.2f}  "
+              f"R@10 {retrieval['txt_r10']:6.2f}")
+        print(f"  text->image  R@1 {retrieval['img_r1']:6.2f}  R@5 {retrieval['img_r5']:6.2f}  "
+              f"R@10 {retrieval['img_r10']:6.2f}")
+        mean_r1 = (retrieval["txt_r1"] + retrieval["img_r1"]) / 2
+        print(f"  mean R@1 {mean_r1:.2f} = {mean_r1 / chance:.1f}x chance")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pretrain.report", description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir")
+    parser.add_argument("--summary", required=True, help="summary JSON to create or update")
+    parser.add_argument("--plot", default=None, help="PNG of the loss terms over steps")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    print_section(summarize(args.run_dir, args.summary, args.plot))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
