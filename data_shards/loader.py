@@ -145,8 +145,10 @@ class StreamingLoader:
             transform = PilTransform(self.transform_config, seed=self.seed)
             transform.set_epoch(self.epoch)
         dataset = _WorkerBatches(self.reader, transform, self.batch_size, self.drop_last, self.postprocess)
-        loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
-                            persistent_workers=False, pin_memory=False)
+        # Its own generator: worker seeding must not draw from the global torch RNG, whose state a
+        # resumed run restores (dropout, masking) and must find exactly where the first run left it.
+        loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers, persistent_workers=False,
+                            pin_memory=False, generator=torch.Generator().manual_seed(self.seed + self.epoch))
         for item in loader:
             if self.max_batches is not None and self.batches_in_epoch >= self.max_batches:
                 break

@@ -58,7 +58,7 @@ class MetricsLog:
     def write(self, step: int, record: dict, keys: list[str] | None = None) -> None:
         if keys is not None:
             with open(os.path.join(self.directory, f"keys_rank{self.rank:03d}.jsonl"), "a") as handle:
-                handle.write(json.dumps({"step": step, "keys": list(keys)}) + "\n")
+                handle.write(json.dumps({"step": step, "keys": list(keys), "loss": record.get("loss")}) + "\n")
         if not self.enabled:
             return
         self._jsonl.write(json.dumps({"step": step, **record}) + "\n")

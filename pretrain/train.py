@@ -112,7 +112,6 @@ def train(args: argparse.Namespace) -> dict:
     config = resolved_config(args)
     deepspeed.init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
-    seed_everything(config.run.seed + rank)
     output_dir = config.run.output_dir
     checkpoint_dir = os.path.join(output_dir, "checkpoints")
     ds_config, notes = ds_config_for(args.deepspeed_config, config.optim)
@@ -125,14 +124,19 @@ def train(args: argparse.Namespace) -> dict:
     if steps_per_epoch < 1:
         raise ConfigError(f"{samples_per_epoch} samples per epoch give no full step of {micro_batch} x {world} "
                           f"ranks x {accumulation} accumulation")
-    total_steps = config.optim.epochs * steps_per_epoch
-    if config.run.max_steps is not None:
-        total_steps = min(total_steps, config.run.max_steps) if total_steps else config.run.max_steps
+    schedule_steps = config.optim.epochs * steps_per_epoch
+    # --max-steps stops the run early; the LR schedule stays that of the whole run, so a run stopped and
+    # resumed with another --max-steps follows the same curve.
+    total_steps = min(schedule_steps, config.run.max_steps or schedule_steps)
 
+    # The same seed on every rank while building: DeepSpeed broadcasts rank 0's parameters, but not the
+    # momentum copies or the queues' random start, which must match across ranks too.
+    seed_everything(config.run.seed)
     task, tokenizer = build_task(config, micro_batch * world, steps_per_epoch * accumulation)
+    seed_everything(config.run.seed + rank)  # then per rank: dropout, masking, negatives differ
     engine, _, _, _ = deepspeed.initialize(
         model=task, model_parameters=parameter_groups(task, config.optim.weight_decay), config=ds_config,
-        lr_scheduler=lambda optimizer: lr_schedule(optimizer, config.optim, steps_per_epoch, total_steps))
+        lr_scheduler=lambda optimizer: lr_schedule(optimizer, config.optim, steps_per_epoch, schedule_steps))
     task.place(engine.device)
     device_type = "gpu" if engine.device.type == "cuda" else "cpu"
     loader = make_loader(config, micro_batch, TokenizeBatch(tokenizer), device_type)
