@@ -247,8 +247,8 @@ class FeatureQueue:
     """
 
     def __init__(self, dim: int, size: int, generator: torch.Generator | None = None, with_ids: bool = False):
-        if dim <= 0 or size <= 0:
-            raise ValueError(f"queue dim and size must be positive, got dim={dim}, size={size}")
+        if dim <= 0 or size < 0:
+            raise ValueError(f"queue dim must be positive and size >= 0, got dim={dim}, size={size}")
         self.features = nn.functional.normalize(torch.randn(dim, size, generator=generator), dim=0)
         self.ids = torch.full((1, size), -100, dtype=torch.long) if with_ids else None
         self.ptr = torch.zeros(1, dtype=torch.long)
@@ -268,6 +268,8 @@ class FeatureQueue:
             raise ValueError(f"queue features must be [batch, {self.dim}], got {list(features.shape)}")
         if (ids is None) != (self.ids is None):
             raise ValueError("pass ids exactly when the queue was built with with_ids=True")
+        if self.size == 0:
+            return  # size 0: in-batch negatives only
         _, world_size = world()
         micro_batch = features.shape[0]
         global_batch = micro_batch * world_size

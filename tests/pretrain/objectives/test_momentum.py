@@ -154,6 +154,14 @@ def test_enqueue_writes_at_ptr_and_wraps_around():
     assert queue.ids.tolist() == [[30, 31, 10, 11, 20, 21]]
 
 
+def test_size_zero_queue_means_in_batch_negatives_only():
+    queue = FeatureQueue(3, 0)
+    queue.enqueue(torch.ones(4, 3))
+    assert queue.features.shape == (3, 0) and queue.ptr.tolist() == [0]
+    with pytest.raises(ValueError, match="size >= 0"):
+        FeatureQueue(3, -1)
+
+
 def test_enqueue_rejects_a_batch_that_does_not_divide_the_queue():
     queue = FeatureQueue(2, 5)
     message = r"queue_size 5 .* global batch 2 \(world size 1 x micro batch 2\)"
