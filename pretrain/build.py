@@ -113,8 +113,8 @@ def samples_in(urls: str) -> int:
     by_folder: dict[str, dict] = {}
     for url in storage.expand_urls(urls):
         folder, name = storage.parent(url), os.path.basename(url)
+        sizes_url = storage.join(folder, "sizes.json")
         if folder not in by_folder:
-            sizes_url = storage.join(folder, "sizes.json")
             try:
                 by_folder[folder] = json.loads(storage.read_bytes(sizes_url))
             except (OSError, ValueError):

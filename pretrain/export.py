@@ -42,9 +42,9 @@ def consolidated_module_state(directory: str, tag: str) -> dict:
         state = get_fp32_state_dict_from_zero_checkpoint(directory, tag=tag)
         # zero_to_fp32 skips buffers; take them (e.g. position ids) from the model-states file.
         model_files = sorted(glob.glob(os.path.join(tag_dir, "*model_states.pt")))
-        buffers = torch.load(model_files[0], map_location="cpu", weights_only=False).get("buffer_names", [])
-        module = torch.load(model_files[0], map_location="cpu", weights_only=False).get("module") or {}
-        for name in buffers:
+        model_states = torch.load(model_files[0], map_location="cpu", weights_only=False)
+        module = model_states.get("module") or {}
+        for name in model_states.get("buffer_names", []):
             if name in module and name not in state:
                 state[name] = module[name]
         return state

@@ -64,7 +64,7 @@ class MetricsLog:
         self._jsonl.write(json.dumps({"step": step, **record}) + "\n")
         self._jsonl.flush()
         for name, value in record.items():
-            if isinstance(value, (int, float)) and value is not None:
+            if isinstance(value, (int, float)):
                 self._writer.add_scalar(f"train/{name}", value, step)
         for reason, count in record.get("skipped", {}).items():
             self._writer.add_scalar(f"skipped/{reason}", count, step)

@@ -1,0 +1,54 @@
+"""Builders of the entry point: sample counts from sizes.json, the LR schedule, ds_config adjustments."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from pretrain.build import ds_config_for, lr_schedule, samples_in
+from pretrain.config import ConfigError
+from pretrain.schema import OptimConfig
+
+
+def test_samples_in_reads_sizes_json_per_folder(tmp_path):
+    for folder, sizes in (("a", {"a-0.tar": 3, "a-1.tar": 4}), ("b", {"b-0.tar": 5})):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "sizes.json").write_text(json.dumps(sizes))
+    assert samples_in(f"{tmp_path}/a/a-{{0..1}}.tar::{tmp_path}/b/b-0.tar") == 12
+    with pytest.raises(ConfigError, match=r"b/sizes.json has no entry for b-1.tar"):
+        samples_in(f"{tmp_path}/a/a-0.tar::{tmp_path}/b/b-{{0..1}}.tar")
+    with pytest.raises(ConfigError, match="no readable sizes.json beside"):
+        samples_in(f"{tmp_path}/c/c-0.tar")
+
+
+def test_lr_schedule_warms_up_linearly_then_follows_the_cosine():
+    optim = OptimConfig(lr=1e-3, warmup_lr=1e-5, min_lr=1e-4, warmup_steps=10)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=optim.lr)
+    schedule = lr_schedule(optimizer, optim, steps_per_epoch=10, total_steps=110)
+    lrs = []
+    for _ in range(111):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert lrs[0] == pytest.approx(1e-5) and lrs[5] == pytest.approx(1e-5 + (1e-3 - 1e-5) * 0.5)
+    assert lrs[10] == pytest.approx(1e-3)
+    assert lrs[60] == pytest.approx(1e-4 + 0.5 * (1e-3 - 1e-4) * (1 + math.cos(math.pi * 0.5)))
+    assert lrs[110] == pytest.approx(1e-4)
+
+
+def test_ds_config_gets_the_yaml_optimizer_and_cpu_notes(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"train_micro_batch_size_per_gpu": 2, "optimizer": {"type": "AdamW"}}))
+    config, notes = ds_config_for(str(path), OptimConfig(lr=2e-4, weight_decay=0.05))
+    params = config["optimizer"]["params"]
+    assert (params["lr"], params["weight_decay"]) == (2e-4, 0.05)
+    if not torch.cuda.is_available():
+        assert params["torch_adam"] is True and any("AdamW from torch" in note for note in notes)
+    path.write_text("{}")
+    with pytest.raises(ConfigError, match="set train_micro_batch_size_per_gpu"):
+        ds_config_for(str(path), OptimConfig())
+    with pytest.raises(ConfigError, match="does not exist"):
+        ds_config_for(str(tmp_path / "missing.json"), OptimConfig())
