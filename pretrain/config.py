@@ -129,6 +129,13 @@ def load_config(cls: type[Config], path: str | None, overrides: list[str] | None
     return _build(cls, tree, "")
 
 
+def from_mapping(cls: type[Config], values: dict, where: str = "") -> Config:
+    """Validate an already-parsed mapping into ``cls`` (e.g. a task's own ``options`` section)."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where or cls.__name__}: expected a mapping, got {values!r}")
+    return _build(cls, values, where)
+
+
 def config_to_dict(config) -> dict:
     return dataclasses.asdict(config)
 

@@ -36,8 +36,9 @@ def device_peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
 
 
 class MetricsLog:
-    def __init__(self, output_dir: str, enabled: bool):
+    def __init__(self, output_dir: str, enabled: bool, label: str = "pretrain"):
         self.enabled = enabled
+        self.label = label
         self.directory = os.path.join(output_dir, "logs")
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         os.makedirs(self.directory, exist_ok=True)
@@ -51,7 +52,7 @@ class MetricsLog:
 
     def note(self, text: str) -> None:
         if self.enabled:
-            print(f"[pretrain] {text}", flush=True)
+            print(f"[{self.label}] {text}", flush=True)
             self._jsonl.write(json.dumps({"note": text, "time": time.time()}) + "\n")
             self._jsonl.flush()
 

@@ -41,6 +41,10 @@ class ObjectivesConfig:
     alpha_warmup: bool = True                     # ramp alpha linearly over the first epoch
     temp_min: float = 0.001
     temp_max: float = 0.5
+    # First training step of a term, e.g. {itm: 300, mlm: 300}: contrastive alignment before the fused
+    # terms. From a random vision encoder, MLM learns fastest by making the image tokens constant (they
+    # are noise to it), which collapses ITC; once ITC has made them informative MLM uses them instead.
+    start_steps: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 PY=.venv/bin/python
 OUT=${DEMO_OUT:-runs/demo}
 IMAGES=${DEMO_IMAGES:-1000}
-STEPS=${DEMO_STEPS:-120}
+STEPS=${DEMO_STEPS:-150}
 mkdir -p "$OUT"
 start=$(date +%s)
 

@@ -28,7 +28,7 @@ MOMENTUM_MODULES = ("visual_encoder", "vision_proj", "text_encoder", "text_proj"
 
 
 class ALBEFPretrainTask(nn.Module):
-    """forward(batch) -> {"loss", "itc", "itm", "mlm"} (terms with weight 0 are skipped)."""
+    """forward(batch) -> {"loss", "itc", "itm", "mlm"}; a term with weight 0, or before its start step, is skipped."""
 
     def __init__(self, model: ALBEFModel, tokenizer: TextTokenizer, objectives: ObjectivesConfig,
                  steps_per_epoch: int):
@@ -36,6 +36,10 @@ class ALBEFPretrainTask(nn.Module):
         self.model = model
         self.weights = {"itc": objectives.itc, "itm": objectives.itm, "mlm": objectives.mlm}
         self.objectives = objectives
+        unknown = set(objectives.start_steps) - set(self.weights)
+        if unknown:
+            raise ValueError(f"objectives.start_steps names unknown terms {sorted(unknown)}; "
+                             f"choose from {sorted(self.weights)}")
         self.steps_per_epoch = max(steps_per_epoch, 1)
         self.special = {"vocab_size": tokenizer.vocab_size, "mask_token_id": tokenizer.mask_token_id,
                         "pad_token_id": tokenizer.pad_token_id, "cls_token_id": tokenizer.cls_token_id}
@@ -74,6 +78,8 @@ class ALBEFPretrainTask(nn.Module):
         images = batch["image"]
         input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
         alpha = self.current_alpha()
+        active = {name for name, weight in self.weights.items()
+                  if weight and self.step >= self.objectives.start_steps.get(name, 0)}
         if self.training:
             self.step += 1
         model.clamp_temperature(self.objectives.temp_min, self.objectives.temp_max)
@@ -94,11 +100,11 @@ class ALBEFPretrainTask(nn.Module):
         temp = model.temp.float()
         itc = itc_loss(image_feat.float(), text_feat.float(), image_feat_m, text_feat_m,
                        self.queue.features, self.text_queue.features, temp, alpha)
-        if self.weights["itc"]:
+        if "itc" in active:
             losses["itc"] = itc.loss
-        if self.weights["itm"]:
+        if "itm" in active:
             losses["itm"] = self._itm(image_tokens, text_hidden, attention_mask, itc.sim_i2t, itc.sim_t2i)
-        if self.weights["mlm"]:
+        if "mlm" in active:
             losses["mlm"] = self._mlm(input_ids, attention_mask, image_tokens, image_tokens_m, alpha)
         if self.training:
             self.queue.enqueue(image_feat_m)

@@ -52,3 +52,22 @@ def test_ds_config_gets_the_yaml_optimizer_and_cpu_notes(tmp_path):
         ds_config_for(str(path), OptimConfig())
     with pytest.raises(ConfigError, match="does not exist"):
         ds_config_for(str(tmp_path / "missing.json"), OptimConfig())
+
+
+def test_objective_start_steps_switch_terms_on_at_their_step():
+    from pretrain.build import build_task
+    from pretrain.config import load_config
+    from pretrain.schema import PretrainConfig
+    from tests.pretrain.conftest import TINY_MODEL
+
+    overrides = [f"model.{name}={json.dumps(value)}" for name, value in TINY_MODEL.items()]
+    config = load_config(PretrainConfig, None, overrides + ["objectives.queue_size=0",
+                                                            "objectives.start_steps={itm: 1, mlm: 2}"])
+    torch.manual_seed(0)
+    task, tokenizer = build_task(config, 2, 10)
+    batch = {"image": torch.randn(2, 3, 32, 32), **tokenizer(["a red circle", "two blue squares"])}
+    seen = [sorted(task(batch)) for _ in range(3)]
+    assert seen == [["itc", "loss"], ["itc", "itm", "loss"], ["itc", "itm", "loss", "mlm"]]
+    bad = load_config(PretrainConfig, None, overrides + ["objectives.queue_size=0", "objectives.start_steps={mim: 3}"])
+    with pytest.raises(ValueError, match=r"start_steps names unknown terms \['mim'\]"):
+        build_task(bad, 2, 10)
