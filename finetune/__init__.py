@@ -1,0 +1,1 @@
+"""Fine-tuning of pretrained checkpoints on the downstream tasks, one entry point per task."""
