@@ -5,9 +5,21 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test lint demo clean
+.PHONY: setup system-packages test lint demo clean
 
-setup: $(STAMP)
+setup: system-packages $(STAMP)
+
+# sshd and pdsh for the real multi-node tests (two loopback "nodes"); installed only when missing and
+# running as root with apt-get, skipped quietly otherwise (those tests then skip and say why).
+system-packages:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	    { [ ! -x /usr/sbin/sshd ] || ! command -v pdsh >/dev/null 2>&1; }; then \
+	    echo "installing openssh-server and pdsh (apt-get)"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q openssh-server pdsh >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null 2>&1 && \
+	      DEBIAN_FRONTEND=noninteractive apt-get install -y -q openssh-server pdsh >/dev/null; } || \
+	    echo "warning: could not install openssh-server and pdsh; the multi-node tests will skip"; \
+	fi
 
 $(STAMP): requirements.txt requirements-test.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)

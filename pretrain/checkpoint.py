@@ -8,25 +8,37 @@ Layout of ``OUTPUT/checkpoints/``::
         task_state.pt              # rank 0: momentum encoders, queues, task step (identical on all ranks)
         config.yaml                # the resolved experiment config
         ds_config.json             # the DeepSpeed config the engine ran with
+        universal/                 # only after a resume on another world size (see below)
 
 DeepSpeed's own ``latest`` is switched off (``save_latest=False``): ours is written only after every
 rank has finished its files, through a temporary name and ``os.replace``, so a crash while saving
 leaves ``latest`` on the previous complete checkpoint.
+
+Resuming on a different number of ranks: ZeRO (stages 1-3) splits the optimizer state by rank, and
+DeepSpeed refuses to load it into another world size. ``prepare_world_size_change`` (called before
+``deepspeed.initialize``) has rank 0 convert such a checkpoint once into DeepSpeed's universal format
+(``TAG/universal``: every parameter's fp32 weights and Adam moments whole) and switches on
+``checkpoint.load_universal``, so each new rank loads its own slice. Stage 0 keeps the optimizer state
+whole in ``mp_rank_00_model_states.pt``, which loads at any world size as it is.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import random
 import re
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 LATEST = "latest"
+UNIVERSAL = "universal"
 TAG_PATTERN = re.compile(r"^global_step(\d+)$")
 
 
@@ -122,16 +134,73 @@ def resolve_resume(resume: str | None, default_directory: str) -> tuple[str, str
     return path, tag
 
 
-def load_checkpoint(engine, directory: str, tag: str, *, load_optimizer: bool = True) -> tuple[dict, dict]:
-    """Load engine states, then this rank's client state and the shared task state."""
+def saved_world_size(directory: str, tag: str) -> int:
+    """How many ranks wrote the checkpoint (each writes its own client_rankNNN.pt)."""
+    return len(glob.glob(os.path.join(directory, tag, "client_rank*.pt")))
+
+
+def read_client_state(directory: str, tag: str, rank: int) -> dict:
+    client_file = os.path.join(directory, tag, f"client_rank{rank:03d}.pt")
+    if not os.path.exists(client_file):
+        return {}
+    return torch.load(client_file, map_location="cpu", weights_only=False)
+
+
+def convert_to_universal(tag_dir: str) -> str:
+    """``TAG/universal`` from a ZeRO checkpoint with DeepSpeed's ds_to_universal (once; atomic rename)."""
+    output = os.path.join(tag_dir, UNIVERSAL)
+    if os.path.isdir(output):
+        return output
+    partial = f"{output}.partial{os.getpid()}"
+    command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", tag_dir,
+               "--output_folder", partial, "--inject_missing_state",
+               "--num_extract_workers", str(min(4, os.cpu_count() or 1)), "--num_merge_workers", "1"]
+    result = subprocess.run(command, capture_output=True, text=True)
+    stray = os.path.join(tag_dir, "latest_universal")  # the converter's own pointer; ours is the folder name
+    if os.path.exists(stray):
+        os.remove(stray)
+    if result.returncode != 0:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise RuntimeError(f"converting {tag_dir} to a universal checkpoint failed:\n{result.stderr[-3000:]}")
+    os.replace(partial, output)
+    return output
+
+
+def prepare_world_size_change(directory: str, tag: str, world_size: int, ds_config: dict) -> str:
+    """Every rank, before ``deepspeed.initialize``: the tag for ``engine.load_checkpoint``.
+
+    The checkpoint's own tag when its world size is this one (or its optimizer state is whole);
+    otherwise ``TAG/universal``, converted by rank 0, with ``ds_config`` set to load it.
+    """
+    tag_dir = os.path.join(directory, tag)
+    partitioned = glob.glob(os.path.join(tag_dir, "*zero_pp_rank_*_optim_states.pt"))
+    if saved_world_size(directory, tag) in (0, world_size) or not partitioned:
+        return tag
     rank = dist.get_rank() if dist.is_initialized() else 0
-    path, _ = engine.load_checkpoint(directory, tag=tag, load_optimizer_states=load_optimizer,
+    failure = None
+    if rank == 0:
+        try:
+            convert_to_universal(tag_dir)
+        except RuntimeError as error:
+            failure = error
+    _barrier()
+    if failure is not None:
+        raise failure
+    if not os.path.isdir(os.path.join(tag_dir, UNIVERSAL)):
+        raise RuntimeError(f"no universal checkpoint in {tag_dir} after rank 0 converted it; see rank 0's error")
+    ds_config.setdefault("checkpoint", {})["load_universal"] = True
+    return os.path.join(tag, UNIVERSAL)
+
+
+def load_checkpoint(engine, directory: str, tag: str, *, load_optimizer: bool = True,
+                    engine_tag: str | None = None) -> tuple[dict, dict]:
+    """Load engine states (from ``engine_tag`` when given, e.g. ``TAG/universal``), then this rank's
+    client state (empty for a rank the checkpoint did not have) and the shared task state."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    path, _ = engine.load_checkpoint(directory, tag=engine_tag or tag, load_optimizer_states=load_optimizer,
                                      load_lr_scheduler_states=load_optimizer)
     if path is None:
         raise FileNotFoundError(f"DeepSpeed could not load checkpoint {os.path.join(directory, tag)}")
-    tag_dir = os.path.join(directory, tag)
-    client_file = os.path.join(tag_dir, f"client_rank{rank:03d}.pt")
-    client_state = torch.load(client_file, map_location="cpu", weights_only=False) \
-        if os.path.exists(client_file) else {}
-    task_state = torch.load(os.path.join(tag_dir, "task_state.pt"), map_location="cpu", weights_only=False)
+    client_state = read_client_state(directory, tag, rank)
+    task_state = torch.load(os.path.join(directory, tag, "task_state.pt"), map_location="cpu", weights_only=False)
     return client_state, task_state

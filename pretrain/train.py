@@ -61,7 +61,8 @@ def resolved_config(args: argparse.Namespace) -> PretrainConfig:
     return load_config(PretrainConfig, args.config, overrides)
 
 
-def make_loader(config: PretrainConfig, micro_batch: int, tokenize: TokenizeBatch, device: str) -> StreamingLoader:
+def make_loader(config: PretrainConfig, micro_batch: int, tokenize: TokenizeBatch, device: str,
+                seed: int) -> StreamingLoader:
     data = config.data
     transform = TransformConfig(image_size=config.model.image_size, train=True, crop_scale=data.crop_scale,
                                 hflip_prob=0.5 if data.hflip else 0.0,
@@ -69,7 +70,7 @@ def make_loader(config: PretrainConfig, micro_batch: int, tokenize: TokenizeBatc
     rank, world = dist.get_rank(), dist.get_world_size()
     return StreamingLoader([Source(source.urls, source.weight) for source in data.train], transform,
                            batch_size=micro_batch, rank=rank, world_size=world, num_workers=data.num_workers,
-                           mode=data.mode, shuffle_buffer=data.shuffle_buffer, seed=config.run.seed,
+                           mode=data.mode, shuffle_buffer=data.shuffle_buffer, seed=seed,
                            decoder=data.decoder, device=device, postprocess=tokenize,
                            hdfs_command=data.hdfs_command)
 
@@ -134,24 +135,39 @@ def train(args: argparse.Namespace) -> dict:
     seed_everything(config.run.seed)
     task, tokenizer = build_task(config, micro_batch * world, steps_per_epoch * accumulation)
     seed_everything(config.run.seed + rank)  # then per rank: dropout, masking, negatives differ
+    resume = checkpoint.resolve_resume(args.resume, checkpoint_dir)
+    engine_tag = checkpoint.prepare_world_size_change(*resume, world, ds_config) if resume else None
     engine, _, _, _ = deepspeed.initialize(
         model=task, model_parameters=parameter_groups(task, config.optim.weight_decay), config=ds_config,
         lr_scheduler=lambda optimizer: lr_schedule(optimizer, config.optim, steps_per_epoch, schedule_steps))
     task.place(engine.device)
     device_type = "gpu" if engine.device.type == "cuda" else "cpu"
-    loader = make_loader(config, micro_batch, TokenizeBatch(tokenizer), device_type)
 
     log = MetricsLog(output_dir, enabled=rank == 0)
     for note in notes + cpu_thread_notes():
         log.note(note)
-    resume = checkpoint.resolve_resume(args.resume, checkpoint_dir)
+    loader_seed, loader_state = config.run.seed, None
     if resume is not None:
-        client_state, task_state = checkpoint.load_checkpoint(engine, *resume)
+        client_state, task_state = checkpoint.load_checkpoint(engine, *resume, engine_tag=engine_tag)
         task.load_extra_state_dict(task_state)
-        if "loader" in client_state:
-            loader.load_state_dict(client_state["loader"])
+        saved_world = checkpoint.saved_world_size(*resume)
+        if saved_world in (0, world) and "loader" in client_state:
+            loader_state = client_state["loader"]
             checkpoint.restore_rng_states(client_state["rng"])
+        elif saved_world != world:
+            # The saved per-rank positions and RNG streams do not map onto other ranks: every rank starts
+            # a fresh stream in the saved epoch under a seed moved on by the step (exact mode deals that
+            # epoch anew over the new ranks, from its start; resampled mode draws anew).
+            loader_seed = config.run.seed + engine.global_steps
+            epoch = checkpoint.read_client_state(*resume, rank=0).get("loader", {}).get("epoch", 0)
+            loader_state = {"epoch": epoch, "batches_in_epoch": 0, "slots": {}}
+            seed_everything(loader_seed + rank)
+            log.note(f"world size {saved_world} -> {world}: optimizer state from {engine_tag}; data streams "
+                     f"restart in epoch {epoch} with seed {loader_seed}")
         log.note(f"resumed from {os.path.join(*resume)} at step {engine.global_steps}")
+    loader = make_loader(config, micro_batch, TokenizeBatch(tokenizer), device_type, loader_seed)
+    if loader_state is not None:
+        loader.load_state_dict(loader_state)
     if rank == 0:
         save_config(config, os.path.join(output_dir, "config.yaml"))
     config_yaml = Path(output_dir, "config.yaml").read_text() if rank == 0 else ""

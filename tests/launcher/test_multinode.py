@@ -1,0 +1,113 @@
+"""Real multi-node runs on one machine: two "nodes" (127.0.0.1 and 127.0.0.2) train the tiny model on CPU.
+
+Pins: ``python -m launcher pretrain`` over pdsh and ssh (a private sshd on port 2222) and with
+``--launcher no_ssh`` (one launcher per node rank) gives the same losses as one node with two ranks,
+every node writes its part of the checkpoint, the exported variables reach the remote ranks, secrets
+never reach the output; the doctor FAILs a host without sshd within seconds.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+
+import pytest
+
+from tests.launcher.conftest import REPO, launcher_command, launcher_env, run_launcher, write_hostfile
+from tests.pretrain.conftest import free_port, logged_steps, run_pretrain, write_ds_config, write_experiment
+
+pytestmark = pytest.mark.slow
+
+STEPS = 3
+SECRET = "not-for-any-log-7f3a9c"
+# The same ranks, seeds and data on one node or two: equal losses (gloo sums the two gradients alike).
+LOSS_TOLERANCE = 1e-6
+RUN_ARGUMENTS = ("--min-free-gb", "0.1", "--max-steps", str(STEPS))
+
+
+@pytest.fixture(scope="module")
+def one_node_losses(tmp_path_factory, tiny_shards) -> list[float]:
+    """The reference: one node, two ranks, ZeRO-1 (each rank owns half of the optimizer state)."""
+    directory = tmp_path_factory.mktemp("one_node")
+    run_pretrain(write_experiment(directory, tiny_shards), write_ds_config(directory, "zero1_fp32.json"),
+                 ranks=2, extra=["--max-steps", str(STEPS)])
+    return [logged_steps(directory / "run")[step]["loss"] for step in range(1, STEPS + 1)]
+
+
+def assert_two_nodes_trained(run_dir, one_node_losses) -> None:
+    steps = logged_steps(run_dir)
+    assert [steps[step]["loss"] for step in range(1, STEPS + 1)] == pytest.approx(one_node_losses,
+                                                                                  abs=LOSS_TOLERANCE)
+    checkpoint = run_dir / "checkpoints" / f"global_step{STEPS}"
+    for rank in (0, 1):  # rank 0 runs on 127.0.0.1, rank 1 on 127.0.0.2
+        assert (checkpoint / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").is_file()
+        assert (checkpoint / f"client_rank{rank:03d}.pt").is_file()
+    assert (run_dir / "checkpoints" / "latest").read_text() == f"global_step{STEPS}"
+
+
+def test_two_nodes_over_pdsh_and_ssh_match_one_node(tmp_path, tiny_shards, sshd, one_node_losses):
+    experiment = write_experiment(tmp_path, tiny_shards)
+    ds_config = write_ds_config(tmp_path, "zero1_fp32.json")
+    hostfile = write_hostfile(tmp_path, "127.0.0.1", "127.0.0.2")
+    env = launcher_env(AWS_SECRET_ACCESS_KEY=SECRET)
+    result = run_launcher("pretrain", "--hostfile", hostfile, "--ssh-config", sshd.config, "--config", experiment,
+                          "--deepspeed_config", ds_config, *RUN_ARGUMENTS, env=env)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-6000:]
+    doctor_rows = [line.split()[:3] for line in output.splitlines() if line.startswith("127.0.0.")]
+    assert ["127.0.0.1", "1", "OK"] in doctor_rows and ["127.0.0.2", "1", "OK"] in doctor_rows
+    assert "127.0.0.2: " in output and "nnodes=2, num_local_procs=1, node_rank=1" in output  # pdsh's prefix
+    assert SECRET not in output
+    assert "export AWS_SECRET_ACCESS_KEY=****;" in output  # exported, and masked in DeepSpeed's own log line
+    assert_two_nodes_trained(tmp_path / "run", one_node_losses)
+    notes = (tmp_path / "run" / "logs" / "metrics.jsonl").read_text()
+    # OMP_NUM_THREADS reached the ranks that ssh started only through .deepspeed_env; without it rank 0
+    # would have picked its own thread count and said so.
+    assert "torch thread(s) per rank" not in notes
+
+
+def test_two_nodes_with_no_ssh_match_one_node(tmp_path, tiny_shards, one_node_losses):
+    experiment = write_experiment(tmp_path, tiny_shards)
+    ds_config = write_ds_config(tmp_path, "zero1_fp32.json")
+    hostfile = write_hostfile(tmp_path, "127.0.0.1", "127.0.0.2")
+    port = free_port()
+    nodes = [subprocess.Popen(launcher_command("pretrain", "--hostfile", hostfile, "--launcher", "no_ssh",
+                                               "--node_rank", rank, "--master_addr", "127.0.0.1", "--master_port",
+                                               port, "--config", experiment, "--deepspeed_config", ds_config,
+                                               *RUN_ARGUMENTS),
+                              cwd=REPO, env=launcher_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True)
+             for rank in (0, 1)]
+    outputs = []
+    try:
+        for node in nodes:
+            outputs.append(node.communicate(timeout=300)[0])
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                node.kill()
+    for rank, (node, output) in enumerate(zip(nodes, outputs, strict=True)):
+        assert node.returncode == 0, output[-6000:]
+        assert f"nnodes=2, num_local_procs=1, node_rank={rank}" in output
+        own_host = f"127.0.0.{rank + 1}"
+        assert [line.split()[:3] for line in output.splitlines() if line.startswith("127.0.0.")] == [
+            [own_host, "1", "OK"]]  # each node checks itself only
+    assert_two_nodes_trained(tmp_path / "run", one_node_losses)
+
+
+def test_doctor_fails_a_host_without_sshd_quickly(tmp_path, tiny_shards, sshd):
+    experiment = write_experiment(tmp_path, tiny_shards)
+    hostfile = write_hostfile(tmp_path, "127.0.0.1", "127.0.0.2", "127.0.0.3")
+    started = time.monotonic()
+    result = run_launcher("doctor", "--hostfile", hostfile, "--ssh-config", sshd.config, "--config", experiment,
+                          "--min-free-gb", "0.1", "--timeout", "20", timeout=60)
+    elapsed = time.monotonic() - started
+    assert result.returncode == 1, result.stdout + result.stderr
+    rows = {line.split()[0]: line for line in result.stdout.splitlines() if line.startswith("127.0.0.")}
+    assert rows["127.0.0.1"].split()[1:3] == ["1", "OK"] and "port " in rows["127.0.0.1"]
+    assert rows["127.0.0.2"].split()[1:3] == ["1", "OK"] and "1 shard source(s) readable" in rows["127.0.0.2"]
+    assert rows["127.0.0.3"].split()[1:3] == ["1", "FAIL"]
+    assert "ssh: connect to host 127.0.0.3 port 2222: Connection refused -> set up passwordless ssh to " \
+           "127.0.0.3" in rows["127.0.0.3"]
+    assert result.stdout.splitlines()[-1].startswith("doctor: 1 of 3 host(s) FAIL (127.0.0.3)")
+    assert elapsed < 15  # connection refused: seconds, not the 20 s timeout
