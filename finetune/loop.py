@@ -45,7 +45,7 @@ from pretrain.metrics_log import MetricsLog
 from pretrain.models.albef import build_albef
 from pretrain.models.text import build_tokenizer
 from pretrain.tasks.albef import parameter_groups
-from pretrain.train import cpu_thread_notes, to_device
+from pretrain.train import cpu_thread_notes, release_shared_memory, to_device
 
 DEFAULT_DS_CONFIG = "ds_configs/zero0_fp32.json"
 BEST_TAG = "best"
@@ -77,6 +77,7 @@ class EvalContext:
     batch_size: int
     adapter: Callable
     transform: dict
+    output_dir: str = ""                             # the run's folder, for result files (e.g. EvalAI JSON)
 
     def predictions(self) -> list[dict]:
         """``module.predict(batch)`` over the whole split, ranks sharing the samples, gathered on every rank."""
@@ -207,7 +208,8 @@ def load_weights(task_module, spec: TaskSpec, config: FinetuneConfig, path: str,
 def evaluate_split(spec: TaskSpec, engine, options, tokenizer, config: FinetuneConfig, split: str, urls: str) -> dict:
     context = EvalContext(module=engine.module, urls=urls, split=split, options=options, tokenizer=tokenizer,
                           image_size=config.model.image_size, batch_size=config.run.eval_batch_size,
-                          adapter=spec.adapter(tokenizer, options, False), transform=spec.transform or {})
+                          adapter=spec.adapter(tokenizer, options, False), transform=spec.transform or {},
+                          output_dir=config.run.output_dir)
     return spec.evaluate(context)
 
 
@@ -325,6 +327,8 @@ def run(spec: TaskSpec, argv: list[str] | None = None) -> int:
     except (ConfigError, checkpoints.CheckpointError, DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    finally:
+        release_shared_memory()
     if dist.is_initialized():
         dist.barrier()
     final = results.get("test") or results.get("val") or {}

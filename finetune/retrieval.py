@@ -13,6 +13,8 @@ positives), columns gathered from all ranks; ITM on the positives and one hard n
 per text drawn from the similarities, never from the same image. Evaluation (reference/albef.md
 section 5): every pair scored by ITC, the top ``k_test`` of each row re-scored by the ITM head, then
 R@1/5/10 both ways and their mean (section 6); ``chance_r1`` is the expected R@1 of random scores.
+Unlike ALBEF, fine-tuning starts without the momentum copies and queues: negatives are the global batch
+and the targets carry no distillation term.
 """
 
 from __future__ import annotations
@@ -80,8 +82,6 @@ class RetrievalTask(nn.Module):
         image_tokens, image_feat = model.image_embeddings(batch["image"].to(dtype))
         text_hidden, text_feat = model.text_embeddings(batch["input_ids"], batch["attention_mask"])
         ids = batch["image_id"]
-        with torch.no_grad():
-            model.clamp_temperature()
         image_all = all_gather_with_grad(image_feat.float())
         text_all = all_gather_with_grad(text_feat.float())
         ids_all = _gather_ids(ids)
