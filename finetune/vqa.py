@@ -33,8 +33,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
-from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
+from transformers.masking_utils import create_causal_mask
 
 from finetune.loop import DataError, EvalContext, TaskSpec, run
 from finetune.metrics import vqa as vqa_metrics
@@ -166,17 +165,9 @@ class AnswerDecoder(FusionBert):
         for layer in self.bert.encoder.layer:
             layer.attention.self.is_causal = True
 
-    def _run_layers(self, layers, hidden, attention_mask, image_embeds=None, image_mask=None) -> torch.Tensor:
-        self_mask = create_causal_mask(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask,
-                                       past_key_values=None, allow_is_causal_skip=False)
-        cross_mask = create_bidirectional_mask(config=self.config, inputs_embeds=hidden, attention_mask=image_mask,
-                                               encoder_hidden_states=image_embeds)
-        for layer in layers:
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                hidden = checkpoint(layer, hidden, self_mask, image_embeds, cross_mask, use_reentrant=False)
-            else:
-                hidden = layer(hidden, self_mask, image_embeds, cross_mask)
-        return hidden
+    def _self_attention_mask(self, hidden: torch.Tensor, attention_mask: torch.Tensor):
+        return create_causal_mask(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask,
+                                  past_key_values=None, allow_is_causal_skip=False)
 
     def answer_nll(self, answer_ids, answer_mask, question_states, question_mask) -> torch.Tensor:
         """Negative log-likelihood of each answer, summed over its tokens after [CLS]: ``[A]``."""

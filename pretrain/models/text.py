@@ -154,10 +154,14 @@ class FusionBert(nn.Module):
         """Recompute each layer in backward instead of storing its activations."""
         self.grad_checkpointing = enabled
 
-    def _run_layers(self, layers, hidden, attention_mask, image_embeds=None, image_mask=None) -> torch.Tensor:
+    def _self_attention_mask(self, hidden: torch.Tensor, attention_mask: torch.Tensor):
+        """Bidirectional; a decoder subclass returns a causal mask here and inherits everything else."""
         # HF builds the mask in the form the attention implementation wants (None when nothing is padded,
         # which lets SDPA pick its fused kernels).
-        self_mask = create_bidirectional_mask(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask)
+        return create_bidirectional_mask(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask)
+
+    def _run_layers(self, layers, hidden, attention_mask, image_embeds=None, image_mask=None) -> torch.Tensor:
+        self_mask = self._self_attention_mask(hidden, attention_mask)
         cross_mask = None
         if image_embeds is not None and image_mask is not None:
             cross_mask = create_bidirectional_mask(
