@@ -3,7 +3,8 @@
 Every folder of ``RUNS_DIR`` holding a ``results.json`` (written by ``python -m finetune.<task>``) is one
 entry, named after the folder (``retrieval``, ``vqa``, ``grounding_gradcam``, ...). The entry's value is
 the task's metric on its final split (test, else val) and ``chance`` the same metric for random
-predictions, as the task computed it. The entries are merged into the summary JSON under ``finetune``
+predictions, as the task computed it (for grounding, the higher of that and a random proposal's
+accuracy). The entries are merged into the summary JSON under ``finetune``
 (other sections are kept) and printed as a table with the demo's target for each:
 
     retrieval: mean R@1 >= 5x chance    vqa, nlvr2, ve: >= chance + 25 points
@@ -43,6 +44,8 @@ def collect(runs_dir: str) -> dict:
         if metric not in split:
             raise ValueError(f"{path}: the {split_name} results lack the task's metric {metric!r}")
         value, chance = float(split[metric]), float(split.get("chance", float("nan")))
+        # A box regressor is also judged against picking a random detector proposal, the stronger baseline.
+        chance = max(chance, float(split.get("chance_random_proposal", chance)))
         target, met = _target(name, split, value, chance)
         entries[name] = {"metric": metric, "value": value, "chance": chance, "split": split_name,
                          "seconds": results.get("seconds"), "target": target, "met": met}

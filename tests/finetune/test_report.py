@@ -16,7 +16,7 @@ def test_summary_entries_and_targets(tmp_path, capsys):
     runs = tmp_path / "runs"
     _write(runs, "vqa", "accuracy", {"accuracy": 40.0, "chance": 10.0})
     _write(runs, "ve", "accuracy", {"accuracy": 50.0, "chance": 33.3})
-    _write(runs, "grounding_box", "accuracy", {"accuracy": 61.0, "chance": 20.0})
+    _write(runs, "grounding_box", "accuracy", {"accuracy": 61.0, "chance": 2.0, "chance_random_proposal": 20.0})
     _write(runs, "captioning", "cider", {"cider": 0.8, "chance": 0.1})
     _write(runs, "retrieval", "r_mean", {"r_mean": 30.0, "chance": 5.3, "txt_r1": 6.0, "img_r1": 4.0,
                                          "chance_r1": 1.0, "txt_r1_img_r1_mean": 5.0})
@@ -30,6 +30,7 @@ def test_summary_entries_and_targets(tmp_path, capsys):
                               "target": ">= chance + 25", "met": True}
     assert [entries[name]["met"] for name in ("ve", "grounding_box", "captioning", "retrieval")] == [
         False, True, False, True]
+    assert entries["grounding_box"]["chance"] == 20.0
     assert "captioning         cider          0.80     0.10       12  CIDEr >= 1.0: NOT met" in capsys.readouterr().out
 
 
