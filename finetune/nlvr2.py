@@ -253,14 +253,14 @@ class PairTask(nn.Module):
 
 
 def evaluate(context: EvalContext) -> dict:
-    return classification_metrics(context.predictions(), 2)
+    return classification_metrics(context.predictions(), ["false", "true"])
 
 
 def evaluate_assignment(context: EvalContext) -> dict:
     scored = [record for record in context.predictions() if record["label"] is not None]
     if not scored:
         raise DataError(f"{context.split} split {context.urls!r}: no batch of at least 2 images to score")
-    return classification_metrics(scored, 3)
+    return classification_metrics(scored, ["image_0", "image_1", "neither"])
 
 
 def _build(model, tokenizer, options: Options) -> PairTask:
@@ -308,14 +308,21 @@ def main(argv: list[str] | None = None) -> int:
              "data.test": None, "data.train_samples": options.text_assignment_samples, "optim.epochs": 1,
              "optim.lr": options.text_assignment_lr or config.optim.lr, "run.eval_every_epoch": False}
     overrides = [f"{key}={json.dumps(value)}" for key, value in phase.items()]
+    _announce(f"text-assignment phase on {options.text_assignment_train} -> {phase_dir}")
     code = run(TEXT_ASSIGNMENT_SPEC, _arguments(args, args.checkpoint, phase_dir, options.text_assignment_steps,
                                                 overrides))
     if code != 0:
         return code
+    _announce(f"NLVR2 fine-tuning from the text-assignment checkpoint -> {output_dir}")
     code = run(SPEC, _arguments(args, os.path.join(phase_dir, "checkpoints"), output_dir, args.max_steps))
     if code == 0 and dist.get_rank() == 0:
         _record_phase(output_dir, phase_dir, args.checkpoint)
     return code
+
+
+def _announce(message: str) -> None:
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"[finetune.nlvr2] {message}", file=sys.stderr)
 
 
 def _record_phase(output_dir: str, phase_dir: str, pretrained: str) -> None:

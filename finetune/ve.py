@@ -12,7 +12,7 @@ cross-attending to the image; ``cls_head`` = Linear(hidden, hidden) -> ReLU -> L
 [CLS], trained with cross-entropy. Labels are ALBEF's indices (contradiction 0, neutral 1, entailment 2). The
 contrastive projections, the ITM head, the temperature and the MLM head are not used and not loaded.
 Evaluation: accuracy on the split; ``chance`` is the better of guessing uniformly (33.3) and always answering
-the split's most frequent label (``majority_class_rate``).
+the split's most frequent label (``majority_class_rate``); ``accuracy_<label>`` is the accuracy on each label.
 
 ALBEF also distils from a momentum copy of the model (alpha 0.4); this fine-tune uses plain cross-entropy.
 ``classifier_head``, ``classification_metrics`` and ``drop_unused_backbone_parts`` serve NLVR2 too.
@@ -58,16 +58,22 @@ def drop_unused_backbone_parts(model, keep_vision_projection: bool = False) -> N
         model.vision_proj = None
 
 
-def classification_metrics(records: list[dict], classes: int) -> dict:
-    """Accuracy of ``records`` ({"label", "prediction"} each) in percent, with the chance level beside it:
-    the better of a uniform guess (100 / classes) and always predicting the most frequent label."""
+def classification_metrics(records: list[dict], class_names: list[str]) -> dict:
+    """Accuracy of ``records`` ({"label", "prediction"} class indices) in percent, overall and per true class
+    (``accuracy_<name>``), with the chance level: the better of a uniform guess and always predicting the most
+    frequent label."""
     if not records:
         raise DataError("no prediction to score")
     correct = sum(record["prediction"] == record["label"] for record in records)
-    majority = 100.0 * Counter(record["label"] for record in records).most_common(1)[0][1] / len(records)
-    uniform = 100.0 / classes
-    return {"accuracy": 100.0 * correct / len(records), "chance": max(uniform, majority),
-            "majority_class_rate": majority, "uniform_rate": uniform, "samples": len(records)}
+    counts = Counter(record["label"] for record in records)
+    uniform, majority = 100.0 / len(class_names), 100.0 * counts.most_common(1)[0][1] / len(records)
+    metrics = {"accuracy": 100.0 * correct / len(records), "chance": max(uniform, majority),
+               "majority_class_rate": majority, "uniform_rate": uniform, "samples": len(records)}
+    for index, name in enumerate(class_names):
+        if counts[index]:
+            hits = sum(record["prediction"] == index for record in records if record["label"] == index)
+            metrics[f"accuracy_{name}"] = 100.0 * hits / counts[index]
+    return metrics
 
 
 class EntailmentBatch:
@@ -121,7 +127,7 @@ class EntailmentTask(nn.Module):
 
 
 def evaluate(context: EvalContext) -> dict:
-    return classification_metrics(context.predictions(), len(LABELS))
+    return classification_metrics(context.predictions(), list(LABELS))
 
 
 SPEC = TaskSpec(name="ve", options=Options, build=lambda model, tokenizer, options: EntailmentTask(model),

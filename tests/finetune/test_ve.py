@@ -79,13 +79,16 @@ def test_classifier_reads_the_fused_cls_and_drops_unused_heads():
 def test_accuracy_and_chance():
     records = [{"label": 0, "prediction": 0}, {"label": 0, "prediction": 1}, {"label": 0, "prediction": 0},
                {"label": 1, "prediction": 1}]
-    metrics = ve.classification_metrics(records, 3)
+    metrics = ve.classification_metrics(records, ["a", "b", "c"])
     assert metrics["accuracy"] == 75.0
+    assert metrics["accuracy_a"] == pytest.approx(200 / 3) and metrics["accuracy_b"] == 100.0
+    assert "accuracy_c" not in metrics  # no sample of that class
     assert metrics["majority_class_rate"] == 75.0 and metrics["chance"] == 75.0  # the majority beats 33.3
-    balanced = ve.classification_metrics([{"label": label, "prediction": 0} for label in (0, 1, 2)], 3)
+    balanced = ve.classification_metrics([{"label": label, "prediction": 0} for label in (0, 1, 2)],
+                                         ["a", "b", "c"])
     assert balanced["chance"] == pytest.approx(100 / 3) and balanced["accuracy"] == pytest.approx(100 / 3)
     with pytest.raises(ve.DataError):
-        ve.classification_metrics([], 3)
+        ve.classification_metrics([], ["a", "b"])
 
 
 def test_finetune_then_evaluate_the_kept_checkpoint(tmp_path, finetune_world, tiny_checkpoint):
