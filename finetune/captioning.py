@@ -9,19 +9,22 @@ Data: ``data_shards build --format caption`` (Karpathy records: one caption each
 ``json.captions``, ``json.image_id``). A training sample uses one of its captions at random; evaluation groups the
 captions of each ``image_id`` as its references.
 
-Decoder: the pretrained text encoder itself run left to right (:class:`CaptionDecoder`), as X-VLM's captioner:
-every self-attention causal, the fusion layers' cross-attention reading the image tokens, the MLM head (tied to the
-word embeddings) as the LM head. Parameter names stay ALBEF's, so the backbone key map is the identity
-(``text_encoder.bert.encoder.layer.N.*`` -> decoder layer N, cross-attention included; ``text_encoder.cls.*`` -> LM
-head); the contrastive projections, the ITM head and ``temp`` are dropped. A caption is ``[CLS] prompt caption
-[SEP]``; the loss is the next-token cross-entropy (label smoothing optional) on the caption and ``[SEP]``, not the
-prompt (BLIP/X-VLM: prompt ``"a picture of "``, default none here).
+Decoder: the pretrained text encoder itself run left to right (:class:`CaptionDecoder`; our reading of X-VLM's
+captioner, as the references do not spell out its key map): every self-attention causal, the fusion layers'
+cross-attention reading the image tokens, the MLM head (tied to the word embeddings) as the LM head. Parameter
+names stay ALBEF's, so the backbone key map is the identity (``text_encoder.bert.encoder.layer.N.*`` -> decoder
+layer N, cross-attention included; ``text_encoder.cls.*`` -> LM head); the contrastive projections, the ITM head
+and ``temp`` are dropped. A caption is ``[CLS] prompt caption [SEP]``; the loss is the next-token cross-entropy
+(label smoothing optional) on the caption and ``[SEP]``, not the prompt (BLIP/X-VLM: prompt ``"a picture of "``,
+default none here).
 
 Generation runs the decoder exactly ``max_length`` times per batch (no stop when every beam has ended), so ranks
-stay in lockstep under ZeRO-3. ``options.scst`` trains self-critically: CIDEr-D of sampled captions minus that of
-the greedy caption, against the sample's own references, weights the samples' log-likelihood. Evaluation: BLEU-1..4
-and CIDEr-D (``finetune.metrics.captioning``); ``chance`` is the CIDEr-D of predicting the most frequent training
-caption (read from ``options.train_captions``; without it, the most frequent reference of the evaluated split).
+stay in lockstep under ZeRO-3. ``options.scst`` trains self-critically: the CIDEr-D of sampled captions minus that
+of the greedy caption weights the samples' log-likelihood; rewards are scored against each sample's own references
+(build the train shards with a caption list per image to use all of them), document frequencies over the batch.
+Evaluation: BLEU-1..4 and CIDEr-D (``finetune.metrics.captioning``); ``chance`` is the CIDEr-D of predicting the
+most frequent training caption (read from ``options.train_captions``; without it, the most frequent reference of
+the evaluated split).
 """
 
 from __future__ import annotations
@@ -35,9 +38,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
-from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
+from transformers.masking_utils import create_causal_mask
 
 from data_shards.reader import ShardReader
 from finetune.loop import DataError, EvalContext, TaskSpec, run
@@ -85,21 +87,10 @@ class CaptionDecoder(FusionBert):
         decoder.set_grad_checkpointing(encoder.grad_checkpointing)
         return decoder
 
-    def _run_layers(self, layers, hidden, attention_mask, image_embeds=None, image_mask=None) -> torch.Tensor:
+    def _self_attention_mask(self, hidden: torch.Tensor, attention_mask: torch.Tensor):
         # The layers were built bidirectional (is_causal False), so the causal mask must always be explicit.
-        self_mask = create_causal_mask(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask,
-                                       past_key_values=None, allow_is_causal_skip=False)
-        cross_mask = None
-        if image_embeds is not None and image_mask is not None:
-            cross_mask = create_bidirectional_mask(config=self.config, inputs_embeds=hidden, attention_mask=image_mask,
-                                                   encoder_hidden_states=image_embeds)
-        extra = () if image_embeds is None else (image_embeds, cross_mask)
-        for layer in layers:
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                hidden = checkpoint(layer, hidden, self_mask, *extra, use_reentrant=False)
-            else:
-                hidden = layer(hidden, self_mask, *extra)
-        return hidden
+        return create_causal_mask(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask,
+                                  past_key_values=None, allow_is_causal_skip=False)
 
     def extend(self, input_ids: torch.Tensor, image_embeds: torch.Tensor, cache: EncoderDecoderCache) -> torch.Tensor:
         """States of ``input_ids`` ``[rows, n]`` following the tokens whose keys and values ``cache`` holds (the
@@ -110,9 +101,7 @@ class CaptionDecoder(FusionBert):
         if input_ids.shape[1] > 1:
             if past:
                 raise ValueError("extend takes one token at a time once the cache holds a prefix")
-            mask = create_causal_mask(config=self.config, inputs_embeds=hidden,
-                                      attention_mask=torch.ones_like(input_ids), past_key_values=None,
-                                      allow_is_causal_skip=False)
+            mask = self._self_attention_mask(hidden, torch.ones_like(input_ids))
         for index, layer in enumerate(self.bert.encoder.layer):
             images = (image_embeds, None) if index >= self.fusion_layer else ()
             hidden = layer(hidden, mask, *images, past_key_values=cache)
