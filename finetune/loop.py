@@ -332,5 +332,7 @@ def run(spec: TaskSpec, argv: list[str] | None = None) -> int:
     if dist.is_initialized():
         dist.barrier()
     final = results.get("test") or results.get("val") or {}
-    print(f"done: {spec.name} {spec.metric}={final.get(spec.metric)} in {results['seconds']:.1f}s", file=sys.stderr)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"done: {spec.name} {spec.metric}={final.get(spec.metric)} in {results['seconds']:.1f}s",
+              file=sys.stderr)
     return 0

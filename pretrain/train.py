@@ -248,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
         release_shared_memory()
     if dist.is_initialized():
         dist.barrier()
-    print(f"done: {summary['steps']} steps in {summary['seconds']:.1f}s", file=sys.stderr)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"done: {summary['steps']} steps in {summary['seconds']:.1f}s", file=sys.stderr)
     return 0
 
 
