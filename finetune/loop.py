@@ -119,6 +119,21 @@ def eval_transform(image_size: int, extra: dict | None) -> TransformConfig:
     return TransformConfig(image_size=image_size, train=False, **(extra or {}))
 
 
+def _has_samples(urls: str) -> bool:
+    """Whether a split holds a sample: from its ``sizes.json`` when there is one, else by reading up to one."""
+    try:
+        return samples_in(urls) > 0
+    except ConfigError:
+        return next(iter(ShardReader(urls, rank=0, world_size=1, shard_shuffle=False)), None) is not None
+
+
+def require_samples(splits: dict[str, str | None]) -> None:
+    """Fail before any training when a configured split is empty (``{name: urls}``; None = not configured)."""
+    for split, urls in splits.items():
+        if urls and not _has_samples(urls):
+            raise DataError(f"{split} split {urls!r} holds no sample")
+
+
 def predict_split(context: EvalContext) -> list[dict]:
     rank, world = dist.get_rank(), dist.get_world_size()
     try:
@@ -226,6 +241,9 @@ def finetune(spec: TaskSpec, args: argparse.Namespace) -> dict:
     options = from_mapping(spec.options, config.options, "options")
     if not args.evaluate and not config.data.train:
         raise ConfigError("data.train is empty: give the train split's shards (or pass --evaluate)")
+    data = config.data
+    splits = {} if args.evaluate else {"train": data.train, "val": data.val}
+    require_samples({**splits, **({"test": data.test} if data.test else {"val": data.val})})
     _single_process_rendezvous()
     deepspeed.init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()

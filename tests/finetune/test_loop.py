@@ -1,0 +1,33 @@
+"""The shared fine-tuning loop: what it refuses before spending any training time."""
+
+from __future__ import annotations
+
+import tarfile
+
+import pytest
+
+from finetune.loop import DataError, require_samples
+from tests.finetune.conftest import run_finetune, write_finetune_config, write_micro_batch_config
+
+
+def _empty_shard(path) -> str:
+    tarfile.open(path, "w").close()
+    return str(path)
+
+
+def test_require_samples_names_the_empty_split(tmp_path, finetune_world):
+    empty = _empty_shard(tmp_path / "empty-000000.tar")
+    require_samples({"train": finetune_world["ve_train"], "val": None})  # None: not configured, not checked
+    with pytest.raises(DataError, match=r"val split '.*empty-000000.tar' holds no sample"):
+        require_samples({"train": finetune_world["ve_train"], "val": empty})
+
+
+def test_an_empty_val_split_fails_before_training(tmp_path, finetune_world, tiny_checkpoint):
+    empty = _empty_shard(tmp_path / "empty-000000.tar")
+    data = {"train": finetune_world["ve_train"], "val": empty, "test": finetune_world["ve_test"]}
+    config = write_finetune_config(tmp_path, "ve", data)
+    result = run_finetune("ve", config, tiny_checkpoint, write_micro_batch_config(tmp_path), check=False)
+    assert result.returncode == 2
+    assert f"error: val split {empty!r} holds no sample" in result.stderr
+    log = tmp_path / "run" / "logs" / "metrics.jsonl"
+    assert not log.exists() or '"step"' not in log.read_text()  # refused before the first training step
