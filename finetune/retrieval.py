@@ -60,11 +60,19 @@ class RetrievalBatch:
                 raise DataError(f"retrieval sample {key!r} has no json.image_id (build with --format coco)")
             choice = zlib.crc32(f"{key}:{self.calls}".encode()) % len(captions) if self.train else 0
             texts.append(pre_caption(captions[choice]))
-            ids.append(int(meta.get("image_id", -1)))
+            ids.append(numeric_image_id(meta.get("image_id", -1)))
         self.calls += 1
         tokens = self.tokenizer(texts)
         return {**batch, "text": texts, "input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"],
                 "image_id": torch.tensor(ids)}
+
+
+def numeric_image_id(value) -> int:
+    """An image id as a number for the same-image masks: integers (and digit strings) as themselves, other
+    strings (``"coco_328757"``, as LAVIS writes them) as a CRC above 2**40, clear of any integer id."""
+    if isinstance(value, int) or (isinstance(value, str) and value.strip().lstrip("-").isdigit()):
+        return int(value)
+    return (1 << 40) + zlib.crc32(str(value).encode())
 
 
 class RetrievalTask(nn.Module):

@@ -37,6 +37,11 @@ def test_batch_adapter_picks_captions_and_requires_image_ids():
     assert out["text"][0] == "a red circle"
     assert out["text"][1] in ("two squares", "one square")
     assert out["image_id"].tolist() == [3, 7]
+    named = retrieval.RetrievalBatch(Tokenizer(), train=True)(
+        {**batch, "meta": [{"image_id": "coco_328757"}, {"image_id": "coco_328757"}]})["image_id"].tolist()
+    assert named[0] == named[1] and named[0] >= 1 << 40  # string ids (LAVIS files): one number per image
+    assert retrieval.numeric_image_id("coco_1") != retrieval.numeric_image_id("coco_2")
+    assert retrieval.numeric_image_id("42") == 42
     with pytest.raises(retrieval.DataError, match="'b' has no json.image_id"):
         retrieval.RetrievalBatch(Tokenizer(), train=True)({**batch, "meta": [{"image_id": 1}, {}]})
 
