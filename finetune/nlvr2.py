@@ -242,7 +242,11 @@ class PairTask(nn.Module):
         keys = batch["__key__"]
         if batch["image"].dim() == 5:
             labels, predictions = batch["label"].tolist(), self.logits(batch).argmax(dim=1).tolist()
-        elif len(keys) < 2:  # a last batch of one image has no partner: it is not scored
+        elif len(keys) < 2:  # a last batch of one image has no partner: it is not scored, but it still runs a
+            # forward (the image as its own partner) so that every rank makes the same collective calls (ZeRO-3
+            # gathers parameters in each forward, and another rank may be repeating a full batch meanwhile)
+            self.assignment_logits({name: torch.cat([batch[name]] * 2) for name in
+                                    ("image", "input_ids", "attention_mask")}, torch.Generator().manual_seed(0))
             labels = predictions = [None]
         else:
             generator = torch.Generator().manual_seed(zlib.crc32("\n".join(keys).encode()))

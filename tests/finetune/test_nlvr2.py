@@ -101,7 +101,12 @@ def test_text_assignment_head_scores_the_drawn_pairs():
     with torch.no_grad():
         first = task.predict(batch)
         assert task.predict(batch) == first  # evaluation draws are seeded by the keys
-        assert task.predict({**batch, "image": batch["image"][:1], "__key__": ["a"]})[0]["label"] is None
+        calls = []
+        hook = task.model.visual_encoder.register_forward_hook(lambda *_: calls.append(1))
+        single = {name: value[:1] for name, value in batch.items()}
+        assert task.predict(single) == [{"key": "a", "label": None, "prediction": None}]
+        hook.remove()
+        assert calls == [1]  # not scored, but forwarded like every other rank's batch (ZeRO-3 collectives)
         assert task(batch)["loss"].item() > 0
     with pytest.raises(ValueError, match="options.text_assignment"):
         _pair_task()[0](batch)
