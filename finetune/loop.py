@@ -144,7 +144,6 @@ def predict_split(context: EvalContext) -> list[dict]:
         raise DataError(f"{context.split} split {context.urls!r} holds no sample")
     # Every rank runs the same number of batches (ZeRO-3 forwards are collective): ranks with fewer samples
     # repeat a batch and drop its predictions.
-    local = len(range(rank, total, world))
     batches = max(1, math.ceil(math.ceil(total / world) / context.batch_size))
     transform = PilTransform(eval_transform(context.image_size, context.transform))
     reader = ShardReader(context.urls, rank=0, world_size=1, shard_shuffle=False)
@@ -167,10 +166,15 @@ def predict_split(context: EvalContext) -> list[dict]:
             if real:
                 outputs.extend(predictions)
     context.module.train(was_training)
-    if len(outputs) != local:
-        raise DataError(f"{context.split} split: rank {rank} predicted {len(outputs)} of its {local} samples")
     gathered = [None] * world
     dist.all_gather_object(gathered, outputs)
+    # Checked after the gather, on every rank alike, so that a short rank stops all of them instead of leaving
+    # the others waiting in the next collective.
+    for other, part in enumerate(gathered):
+        expected = len(range(other, total, world))
+        if len(part) != expected:
+            raise DataError(f"{context.split} split {context.urls!r}: rank {other} predicted {len(part)} of its "
+                            f"{expected} samples (is a sizes.json beside the shards out of date?)")
     return [prediction for part in gathered for prediction in part]
 
 

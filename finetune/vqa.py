@@ -294,11 +294,13 @@ def evaluate(context: EvalContext) -> dict:
                         f"best checkpoint is chosen by val accuracy")
     folder = resolve_path(options.results_dir) if options.results_dir else context.output_dir
     path = os.path.join(folder, RESULTS_FILE.format(split=context.split))
+    results = [(p["question_id"], p["answer"]) for p in predictions]
+    try:  # checked on every rank (each holds all predictions), so a bad id stops them all, not rank 0 alone
+        vqa_metrics.evalai_entries(results)
+    except ValueError as error:
+        raise DataError(f"{context.split} split: {error}") from None
     if not dist.is_initialized() or dist.get_rank() == 0:
-        try:
-            vqa_metrics.write_evalai_results(path, ((p["question_id"], p["answer"]) for p in predictions))
-        except ValueError as error:
-            raise DataError(f"{context.split} split: {error}") from None
+        vqa_metrics.write_evalai_results(path, results)
     metrics: dict = {"questions": len(predictions), "results_file": path}
     if not unanswered:
         records = [{"question_id": p["question_id"], "answer": p["answers"]} for p in predictions]

@@ -163,6 +163,15 @@ def write_evalai_results(path: str | Path, results: Iterable[tuple[int, str]],
 
     The server rejects a file that misses a test question; ``expected_question_ids`` checks that here.
     """
+    entries = evalai_entries(results, expected_question_ids)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(entries))
+    return path
+
+
+def evalai_entries(results: Iterable[tuple[int, str]], expected_question_ids: Iterable[int] | None = None) -> list:
+    """The checked entries of an EvalAI results file (``ValueError`` naming the first bad one), nothing written."""
     entries, seen = [], set()
     for question_id, answer in results:
         try:
@@ -180,7 +189,4 @@ def write_evalai_results(path: str | Path, results: Iterable[tuple[int, str]],
         if missing:
             raise ValueError(f"the results miss {len(missing)} expected questions, e.g. question_id {missing[0]}; "
                              "EvalAI needs an answer for every test question")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(entries))
-    return path
+    return entries

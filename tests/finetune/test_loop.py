@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 import tarfile
+from pathlib import Path
 
 import pytest
 
@@ -31,3 +34,22 @@ def test_an_empty_val_split_fails_before_training(tmp_path, finetune_world, tiny
     assert f"error: val split {empty!r} holds no sample" in result.stderr
     log = tmp_path / "run" / "logs" / "metrics.jsonl"
     assert not log.exists() or '"step"' not in log.read_text()  # refused before the first training step
+
+
+def test_a_rank_short_of_samples_stops_every_rank(tmp_path, finetune_world, tiny_checkpoint):
+    """A sizes.json that counts one sample too many leaves exactly one of 2 ranks short: both must exit with the
+    counts (the short rank alone raising would leave the other waiting in the next collective)."""
+    source = Path(finetune_world["ve_test"].replace("{000000..000000}", "000000"))
+    (tmp_path / "ve").mkdir()
+    shutil.copy(source, tmp_path / "ve" / source.name)
+    sizes = json.loads((source.parent / "sizes.json").read_text())
+    real = sizes[source.name]
+    sizes[source.name] = real + 1
+    (tmp_path / "ve" / "sizes.json").write_text(json.dumps(sizes))
+    config = write_finetune_config(tmp_path, "ve", {"test": str(tmp_path / "ve" / source.name)})
+    result = run_finetune("ve", config, tiny_checkpoint, write_micro_batch_config(tmp_path), ranks=2, check=False,
+                          extra=["--evaluate"], timeout=180)
+    assert result.returncode != 0
+    short = real % 2  # the missing sample, index ``real``, is that rank's
+    message = f"rank {short} predicted {real // 2} of its {real // 2 + 1} samples (is a sizes.json"
+    assert (result.stdout + result.stderr).count(message) == 2  # said by both ranks
