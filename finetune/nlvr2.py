@@ -208,7 +208,13 @@ class PairTask(nn.Module):
         self.ta_head = nn.Linear(hidden, 3) if options.text_assignment else None
 
     def backbone_to_task(self, state: dict) -> dict:
-        return {f"model.{key}": value for key, value in duplicate_fusion_layers(state, self.fusion_layer).items()}
+        """A pretraining state gets its fusion layers doubled; a state that already has the doubled encoder
+        (ALBEF's released ``pretrain_model_nlvr.pth``) loads as it is, its ``ta_head`` into this task's."""
+        total = len(self.model.text_encoder.bert.encoder.layer)  # fusion_layer + 2 x the pretrained fusion layers
+        indices = [int(key[len(LAYER_PREFIX):].split(".", 1)[0]) for key in state if key.startswith(LAYER_PREFIX)]
+        if not indices or max(indices) < (total + self.fusion_layer) // 2:
+            state = duplicate_fusion_layers(state, self.fusion_layer)
+        return {key if key.startswith("ta_head.") else f"model.{key}": value for key, value in state.items()}
 
     def _fused_cls(self, pair_tokens: torch.Tensor, batch: dict) -> torch.Tensor:
         text = self.model.text_encoder
@@ -274,7 +280,7 @@ def _build(model, tokenizer, options: Options) -> PairTask:
 SPEC = TaskSpec(name="nlvr2", options=Options, build=_build,
                 adapter=lambda tokenizer, options, train: PairBatch(tokenizer, options.max_words),
                 evaluate=evaluate, metric="accuracy", new_keys=("cls_head.*", "ta_head.*"),
-                unused_keys=UNUSED_BACKBONE_KEYS)
+                unused_keys=(*UNUSED_BACKBONE_KEYS, "ta_head.*"))
 TEXT_ASSIGNMENT_SPEC = TaskSpec(
     name="nlvr2", options=Options, build=_build,
     adapter=lambda tokenizer, options, train: CaptionBatch(tokenizer, options.max_words, train),

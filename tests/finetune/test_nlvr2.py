@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from finetune import nlvr2
+from finetune import checkpoints, nlvr2
 from tests.finetune.conftest import read_results, run_finetune, write_finetune_config, write_micro_batch_config
 from tests.finetune.test_ve import Tokenizer, tiny_model
 
@@ -155,3 +155,28 @@ def test_text_assignment_then_finetune_then_evaluate(tmp_path, finetune_world, t
     again = write_finetune_config(tmp_path / "again", "nlvr2", data, options)
     run_finetune("nlvr2", again, str(tmp_path / "run" / "checkpoints"), ds_config, extra=["--evaluate"])
     assert read_results(again)["test"] == pytest.approx(test)
+
+
+def test_a_released_text_assignment_file_loads_without_doubling_again(tmp_path):
+    """ALBEF's pretrain_model_nlvr.pth layout: the doubled encoder stored as ``text_encoder.encoder.layer.N``
+    (no ``bert.``), a ``ta_head``, no momentum copies. It must load as it is, not be doubled a second time."""
+    pretrained = tiny_model()
+    doubled = nlvr2.duplicate_fusion_layers(pretrained.state_dict(), FUSION)
+    released = {key.replace("text_encoder.bert.", "text_encoder."): value for key, value in doubled.items()
+                if not key.startswith("text_encoder.cls.")}
+    hidden = pretrained.text_encoder.hidden_size
+    released["ta_head.weight"], released["ta_head.bias"] = torch.randn(3, hidden), torch.randn(3)
+    path = tmp_path / "pretrain_model_nlvr.pth"
+    torch.save({"model": released}, path)
+
+    state = checkpoints.backbone_state(checkpoints.open_checkpoint(str(path)), num_patches=None)
+    for text_assignment in (True, False):
+        task = nlvr2.PairTask(tiny_model(), nlvr2.Options(text_assignment=text_assignment))
+        checkpoints.load_matching(task, task.backbone_to_task(state), new=nlvr2.SPEC.new_keys,
+                                  unused=nlvr2.SPEC.unused_keys)
+        loaded = task.state_dict()
+        for key, value in doubled.items():
+            if f"model.{key}" in loaded:
+                assert torch.equal(loaded[f"model.{key}"], value), key
+        if text_assignment:
+            assert torch.equal(task.ta_head.weight, released["ta_head.weight"])
