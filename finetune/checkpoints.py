@@ -5,9 +5,8 @@
   ``latest``, a ``global_stepN`` directory, or the run directory holding ``checkpoints/``): the shards
   are consolidated to fp32, as ``python -m pretrain.export`` does;
 - a single weight file: ``pretrain.export``'s ``.safetensors``, or a released ALBEF ``.pth`` in the
-  pretraining or retrieval layout (``ALBEF.pth``, ``mscoco.pth``, ...), or ``pretrain_model_nlvr.pth`` for
-  NLVR2 (its doubled encoder loads as it is). ``vqa.pth`` (with ``text_decoder.*``) is not mapped and fails
-  with the list of keys that do not fit;
+  pretraining or retrieval layout (``ALBEF.pth``, ``mscoco.pth``, ...), ``pretrain_model_nlvr.pth`` for NLVR2
+  (its doubled encoder loads as it is) or ``vqa.pth`` for VQA (its own answer decoder);
 - a fine-tuning run's checkpoint directory (its ``config.yaml`` names a ``task``): the whole task
   module, for ``--evaluate``.
 

@@ -37,6 +37,7 @@ from transformers.masking_utils import create_causal_mask
 
 from finetune.loop import DataError, EvalContext, TaskSpec, run
 from finetune.metrics import vqa as vqa_metrics
+from finetune.ve import UNUSED_BACKBONE_KEYS, drop_unused_backbone_parts
 from pretrain.config import ConfigError, resolve_path
 from pretrain.models.text import FusionBert, TextTokenizer
 from pretrain.text_processing import pre_caption
@@ -200,7 +201,9 @@ class VQATask(nn.Module):
         self.model = model
         self.options = options
         self.answer_list = list(answer_list)
-        model.text_encoder.cls = None  # the encoder's MLM head lives on in the decoder only
+        # The encoder's MLM head lives on in the decoder only; the contrastive and ITM heads are not used (ALBEF's
+        # VQA model has none).
+        drop_unused_backbone_parts(model)
         hidden = model.text_encoder.hidden_size
         if options.head == "decoder":
             self.text_decoder = decoder
@@ -212,24 +215,31 @@ class VQATask(nn.Module):
 
     def backbone_to_task(self, state: dict) -> dict:
         """Backbone weights under ``model.``; for the decoder head also the decoder's copy of the fusion layers.
-        Decoder cross-attention keys/values whose width differs (vision width != text width) start fresh."""
-        mapped = {f"model.{name}": value for name, value in state.items()}
-        if self.options.head == "decoder":
-            own = self.state_dict()
-            for name, value in state.items():
-                target = decoder_key(name, self.model.text_encoder.fusion_layer)
-                if target not in own:
-                    continue
-                # A layer is copied whole or not at all: its bias fits even where its weight does not.
-                source_weight = state.get(name.rsplit(".", 1)[0] + ".weight", value)
-                target_weight = own.get(target.rsplit(".", 1)[0] + ".weight", own[target])
-                if source_weight.shape == target_weight.shape:
-                    mapped[target] = value
+        Decoder cross-attention keys/values whose width differs (vision width != text width) start fresh.
+        A state that has its own ``text_decoder.*`` (ALBEF's released ``vqa.pth``) keeps that decoder; its
+        momentum copy ``text_decoder_m.*`` is dropped."""
+        decoder = {name: value for name, value in state.items() if name.startswith("text_decoder.")}
+        mapped = {f"model.{name}": value for name, value in state.items()
+                  if not name.startswith(("text_decoder.", "text_decoder_m."))}
+        if self.options.head != "decoder":
+            return mapped
+        if decoder:
+            return {**mapped, **decoder}
+        own = self.state_dict()
+        for name, value in state.items():
+            target = decoder_key(name, self.model.text_encoder.fusion_layer)
+            if target not in own:
+                continue
+            # A layer is copied whole or not at all: its bias fits even where its weight does not.
+            source_weight = state.get(name.rsplit(".", 1)[0] + ".weight", value)
+            target_weight = own.get(target.rsplit(".", 1)[0] + ".weight", own[target])
+            if source_weight.shape == target_weight.shape:
+                mapped[target] = value
         return mapped
 
     def question_states(self, batch: dict) -> torch.Tensor:
         model = self.model
-        image_tokens = model.visual_encoder(batch["image"].to(model.vision_proj.weight.dtype))
+        image_tokens = model.visual_encoder(batch["image"].to(model.visual_encoder.cls_token.dtype))
         return model.text_encoder(batch["input_ids"], batch["attention_mask"], image_tokens)
 
     def forward(self, batch: dict) -> dict:
@@ -332,7 +342,7 @@ SPEC = TaskSpec(name="vqa", options=Options, build=build_task,
                 metric="vqa_accuracy", transform={"flip_text": "skip"},
                 new_keys=("classifier.*", "text_decoder.bert.encoder.layer.*.crossattention.self.key.*",
                           "text_decoder.bert.encoder.layer.*.crossattention.self.value.*"),
-                unused_keys=("model.text_encoder.cls.*",))
+                unused_keys=UNUSED_BACKBONE_KEYS)
 
 if __name__ == "__main__":
     sys.exit(run(SPEC))

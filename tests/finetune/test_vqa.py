@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from finetune import vqa
+from finetune import checkpoints, vqa
 from finetune.loop import DataError
 from finetune.metrics.vqa import vqa_accuracy
 from pretrain.config import ConfigError, resolve_path
@@ -87,8 +87,7 @@ def test_backbone_to_task_starts_the_decoder_from_the_fusion_layers(tokenizer, a
     state, _, _ = from_albef_state_dict(to_albef_state_dict(source.state_dict()))
     task = _task(tokenizer, answer_list)
     mapped = task.backbone_to_task(state)
-    task.load_state_dict({name: value for name, value in mapped.items()
-                          if not name.startswith("model.text_encoder.cls")})
+    checkpoints.load_matching(task, mapped, new=vqa.SPEC.new_keys, unused=vqa.SPEC.unused_keys)
     fusion = source.text_encoder.fusion_layer
     for index, layer in enumerate(task.text_decoder.bert.encoder.layer):
         expected = source.text_encoder.bert.encoder.layer[fusion + index].state_dict()
@@ -98,6 +97,35 @@ def test_backbone_to_task_starts_the_decoder_from_the_fusion_layers(tokenizer, a
     torch.testing.assert_close(task.text_decoder.bert.embeddings.state_dict(),
                                source.text_encoder.bert.embeddings.state_dict())
     assert task.model.text_encoder.cls is None
+
+
+def test_a_released_vqa_file_keeps_its_own_decoder(tmp_path, tokenizer, answer_list):
+    """ALBEF's vqa.pth layout: encoder without ``bert.`` and without the pretraining heads, its own
+    ``text_decoder.*`` and momentum copies ``*_m``. The decoder loads from the file, not from the fusion layers."""
+    torch.manual_seed(2)
+    trained = _task(tokenizer, answer_list)
+    for parameter in trained.text_decoder.parameters():
+        parameter.data.normal_()
+    released = {}
+    for name, value in trained.state_dict().items():
+        if name.startswith("model.text_encoder.bert."):
+            name = "text_encoder." + name[len("model.text_encoder.bert."):]
+        elif name.startswith("model."):
+            name = name[len("model."):]
+        released[name] = value.clone()
+        head = name.split(".", 1)[0]
+        released[name.replace(head, head + "_m", 1)] = value.clone()
+    path = tmp_path / "vqa.pth"
+    torch.save({"model": released}, path)
+
+    state = checkpoints.backbone_state(checkpoints.open_checkpoint(str(path)), num_patches=None)
+    task = _task(tokenizer, answer_list)
+    checkpoints.load_matching(task, task.backbone_to_task(state), new=vqa.SPEC.new_keys,
+                              unused=vqa.SPEC.unused_keys)
+    torch.testing.assert_close(task.state_dict(), trained.state_dict())
+    classifier = _task(tokenizer, answer_list, head="classifier")  # the file's decoder is not wanted there
+    checkpoints.load_matching(classifier, classifier.backbone_to_task(state), new=vqa.SPEC.new_keys,
+                              unused=vqa.SPEC.unused_keys)
 
 
 def test_cross_attention_of_another_width_starts_fresh(tokenizer, answer_list):
