@@ -45,7 +45,7 @@ from pretrain.metrics_log import MetricsLog
 from pretrain.models.albef import build_albef
 from pretrain.models.text import build_tokenizer
 from pretrain.tasks.albef import parameter_groups
-from pretrain.train import cpu_thread_notes, release_shared_memory, to_device
+from pretrain.train import cpu_thread_notes, is_first_rank, release_shared_memory, to_device
 
 DEFAULT_DS_CONFIG = "ds_configs/zero0_fp32.json"
 BEST_TAG = "best"
@@ -354,7 +354,7 @@ def run(spec: TaskSpec, argv: list[str] | None = None) -> int:
     if dist.is_initialized():
         dist.barrier()
     final = results.get("test") or results.get("val") or {}
-    if int(os.environ.get("RANK", "0")) == 0:
+    if is_first_rank():
         print(f"done: {spec.name} {spec.metric}={final.get(spec.metric)} in {results['seconds']:.1f}s",
               file=sys.stderr)
     return 0

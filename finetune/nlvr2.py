@@ -47,6 +47,7 @@ from pretrain.checkpoint import atomic_write_text
 from pretrain.config import ConfigError, from_mapping, load_config
 from pretrain.models.text import FusionBertLayer
 from pretrain.text_processing import pre_caption
+from pretrain.train import is_first_rank
 
 LAYER_PREFIX = "text_encoder.bert.encoder.layer."
 ASSIGNMENT_TEMPERATURE = 0.07  # ALBEF's fixed temperature for drawing the partner images
@@ -331,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _announce(message: str) -> None:
-    if int(os.environ.get("RANK", "0")) == 0:
+    if is_first_rank():
         print(f"[finetune.nlvr2] {message}", file=sys.stderr)
 
 

@@ -224,6 +224,12 @@ def train(args: argparse.Namespace) -> dict:
     return summary
 
 
+def is_first_rank() -> bool:
+    """Rank 0 of the launch (from the launcher's ``RANK``; true for a plain single process), before or after
+    ``torch.distributed`` is set up."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def release_shared_memory() -> None:
     """Unlink this rank's CPU all-reduce buffer (``/dev/shm/deepspeed_allreduce_buffer_*_ADDR_PORT_RANK``).
 
@@ -248,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         release_shared_memory()
     if dist.is_initialized():
         dist.barrier()
-    if int(os.environ.get("RANK", "0")) == 0:
+    if is_first_rank():
         print(f"done: {summary['steps']} steps in {summary['seconds']:.1f}s", file=sys.stderr)
     return 0
 
