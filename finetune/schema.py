@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pretrain.schema import ModelConfig, OptimConfig
+from pretrain.config import require_at_least, require_choice
+from pretrain.schema import DECODERS, ModelConfig, OptimConfig
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,12 @@ class FinetuneData:
     hflip: bool = True
     hdfs_command: str = "hdfs dfs -cat"
 
+    def __post_init__(self):
+        require_choice(self.decoder, "decoder", DECODERS)
+        require_at_least(self.train_samples, "train_samples", 1)
+        require_at_least(self.num_workers, "num_workers", 0)
+        require_at_least(self.shuffle_buffer, "shuffle_buffer", 0)
+
 
 @dataclass(frozen=True)
 class FinetuneRun:
@@ -38,6 +45,11 @@ class FinetuneRun:
     max_steps: int | None = None                  # stop training early (the schedule stays that of all epochs)
     eval_batch_size: int = 64
     eval_every_epoch: bool = True                 # evaluate val after each epoch and keep the best
+
+    def __post_init__(self):
+        require_at_least(self.log_every, "log_every", 1)
+        require_at_least(self.max_steps, "max_steps", 1)
+        require_at_least(self.eval_batch_size, "eval_batch_size", 1)
 
 
 @dataclass(frozen=True)

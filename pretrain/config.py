@@ -96,6 +96,23 @@ def _build(cls, values: dict, where: str):
         return cls(**converted)
     except TypeError as error:
         raise ConfigError(f"{where or cls.__name__}: {error}") from None
+    except ConfigError as error:  # a dataclass's own value check (see ``require``) names the field only
+        raise ConfigError(f"{where}.{error}" if where else str(error)) from None
+
+
+def require(condition: bool, key: str, problem: str) -> None:
+    """A value check for a config dataclass's ``__post_init__``: ``key`` is the field's name, and loading
+    prefixes it with its section, so the message reads ``run.log_every: must be at least 1, got 0``."""
+    if not condition:
+        raise ConfigError(f"{key}: {problem}")
+
+
+def require_choice(value, key: str, choices) -> None:
+    require(value in choices, key, f"must be one of {', '.join(map(str, choices))}, got {value!r}")
+
+
+def require_at_least(value, key: str, minimum) -> None:
+    require(value is None or value >= minimum, key, f"must be at least {minimum}, got {value!r}")
 
 
 def _apply_override(tree: dict, override: str) -> None:
@@ -108,7 +125,12 @@ def _apply_override(tree: dict, override: str) -> None:
         node = node.setdefault(key, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override {override!r}: {key!r} is not a section")
-    node[keys[-1]] = yaml.safe_load(text)
+    try:
+        node[keys[-1]] = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        problem = str(getattr(error, "problem", None) or error).strip()
+        raise ConfigError(f"override {override!r}: the value {text!r} is not valid YAML ({problem}); quote a "
+                          "string that holds ': ' or starts with '[', '{', '*', '&' or '!'") from None
 
 
 def load_config(cls: type[Config], path: str | None, overrides: list[str] | None = None) -> Config:

@@ -11,6 +11,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pretrain.config import require, require_at_least, require_choice
+
+DATA_MODES = ("exact", "resampled")       # data_shards.reader.MODES
+DECODERS = ("pil", "dali", "auto")       # data_shards.loader.DECODERS
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -27,6 +32,13 @@ class ModelConfig:
     max_text_length: int = 25
     trailing_sep: bool = False                    # released ALBEF checkpoints expect no trailing [SEP]
     grad_checkpointing: bool = False
+
+    def __post_init__(self):
+        require_at_least(self.image_size, "image_size", 1)
+        require_at_least(self.fusion_layer, "fusion_layer", 0)
+        require_at_least(self.embed_dim, "embed_dim", 1)
+        require_at_least(self.max_text_length, "max_text_length", 2)
+        require(self.temp > 0, "temp", f"must be positive, got {self.temp}")
 
 
 @dataclass(frozen=True)
@@ -46,11 +58,27 @@ class ObjectivesConfig:
     # are noise to it), which collapses ITC; once ITC has made them informative MLM uses them instead.
     start_steps: dict = field(default_factory=dict)
 
+    def __post_init__(self):
+        for name in ("itc", "itm", "mlm", "queue_size"):
+            require_at_least(getattr(self, name), name, 0)
+        for name in ("mlm_probability", "momentum", "alpha"):
+            value = getattr(self, name)
+            require(0.0 <= value <= 1.0, name, f"must lie in [0, 1], got {value}")
+        require(0 < self.temp_min <= self.temp_max, "temp_min", f"must be positive and at most temp_max "
+                f"({self.temp_max}), got {self.temp_min}")
+        for term, step in self.start_steps.items():
+            require(isinstance(step, int) and not isinstance(step, bool) and step >= 0, f"start_steps.{term}",
+                    f"must be a step number >= 0, got {step!r}")
+
 
 @dataclass(frozen=True)
 class SourceConfig:
     urls: str                                     # brace pattern, '::' list, s3://, hdfs://, pipe:
     weight: float = 1.0
+
+    def __post_init__(self):
+        require(bool(self.urls.strip()), "urls", "is empty; give a shard pattern such as train-{000000..000099}.tar")
+        require(self.weight > 0, "weight", f"must be positive, got {self.weight}")
 
 
 @dataclass(frozen=True)
@@ -66,6 +94,16 @@ class DataConfig:
     hflip: bool = True
     hdfs_command: str = "hdfs dfs -cat"
 
+    def __post_init__(self):
+        require_choice(self.mode, "mode", DATA_MODES)
+        require_choice(self.decoder, "decoder", DECODERS)
+        require_at_least(self.samples_per_epoch, "samples_per_epoch", 1)
+        require_at_least(self.num_workers, "num_workers", 0)
+        require_at_least(self.shuffle_buffer, "shuffle_buffer", 0)
+        low, high = self.crop_scale
+        require(0 < low <= high <= 1, "crop_scale", f"must be [low, high] with 0 < low <= high <= 1, got "
+                f"{list(self.crop_scale)}")
+
 
 @dataclass(frozen=True)
 class OptimConfig:
@@ -78,11 +116,22 @@ class OptimConfig:
     warmup_steps: int = 2000
     epochs: int = 30
 
+    def __post_init__(self):
+        require(self.lr > 0, "lr", f"must be positive, got {self.lr}")
+        require_at_least(self.weight_decay, "weight_decay", 0)
+        require_at_least(self.min_lr, "min_lr", 0)
+        require_at_least(self.warmup_lr, "warmup_lr", 0)
+        require_at_least(self.warmup_steps, "warmup_steps", 0)
+        require_at_least(self.epochs, "epochs", 1)
+
 
 @dataclass(frozen=True)
 class EvalConfig:
     retrieval_urls: str | None = None             # shards of a retrieval eval split (5 captions per image)
     batch_size: int = 64
+
+    def __post_init__(self):
+        require_at_least(self.batch_size, "batch_size", 1)
 
 
 @dataclass(frozen=True)
@@ -94,6 +143,12 @@ class RunConfig:
     max_steps: int | None = None
     keep_checkpoints: int = 3
     log_keys: bool = False                        # also log the sample keys of each logged step (tests)
+
+    def __post_init__(self):
+        require_at_least(self.log_every, "log_every", 1)
+        require_at_least(self.save_every, "save_every", 1)
+        require_at_least(self.max_steps, "max_steps", 1)
+        require_at_least(self.keep_checkpoints, "keep_checkpoints", 0)
 
 
 @dataclass(frozen=True)
