@@ -42,6 +42,7 @@ class Checkpoint:
     path: str            # what the user gave
     directory: str = ""  # DeepSpeed checkpoints folder (kinds pretrain, finetune)
     tag: str = ""
+    trusted: bool = False  # open pickles with the full unpickler (--trust-checkpoint)
 
     def describe(self) -> str:
         return f"{self.path} ({self.kind}{', ' + self.tag if self.tag else ''})"
@@ -59,9 +60,9 @@ def _locate_tag(path: str) -> tuple[str, str]:
                           f"checkpoints directory of a run, a global_stepN directory, or a .safetensors/.pth file")
 
 
-def open_checkpoint(path: str) -> Checkpoint:
+def open_checkpoint(path: str, trusted: bool = False) -> Checkpoint:
     if os.path.isfile(path):
-        return Checkpoint("file", path)
+        return Checkpoint("file", path, trusted=trusted)
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint {path!r} does not exist")
     directory, tag = _locate_tag(path)
@@ -71,7 +72,7 @@ def open_checkpoint(path: str) -> Checkpoint:
         with open(config_path) as handle:
             saved = yaml.safe_load(handle) or {}
         kind = "finetune" if "task" in saved else "pretrain"
-    return Checkpoint(kind, path, directory, tag)
+    return Checkpoint(kind, path, directory, tag, trusted)
 
 
 def backbone_state(checkpoint: Checkpoint, num_patches: int | None) -> dict[str, torch.Tensor]:
@@ -79,8 +80,8 @@ def backbone_state(checkpoint: Checkpoint, num_patches: int | None) -> dict[str,
     if checkpoint.kind == "finetune":
         raise CheckpointError(f"{checkpoint.path} is a fine-tuned task checkpoint, not a pretraining one")
     try:
-        state = (read_state_dict(checkpoint.path) if checkpoint.kind == "file"
-                 else albef_state_dict(checkpoint.directory, checkpoint.tag))
+        state = (read_state_dict(checkpoint.path, checkpoint.trusted) if checkpoint.kind == "file"
+                 else albef_state_dict(checkpoint.directory, checkpoint.tag, checkpoint.trusted))
     except (OSError, ValueError, RuntimeError) as error:
         raise CheckpointError(f"cannot read checkpoint {checkpoint.describe()}: {error}") from None
     model_state, _momentum, _queues = from_albef_state_dict(state, num_patches=num_patches)
@@ -91,7 +92,10 @@ def task_state(checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
     """The whole fine-tuned task module's fp32 state (any ZeRO stage)."""
     if checkpoint.kind != "finetune":
         raise CheckpointError(f"{checkpoint.path} is not a fine-tuning checkpoint")
-    return consolidated_module_state(checkpoint.directory, checkpoint.tag)
+    try:
+        return consolidated_module_state(checkpoint.directory, checkpoint.tag, checkpoint.trusted)
+    except (OSError, ValueError, RuntimeError) as error:
+        raise CheckpointError(f"cannot read checkpoint {checkpoint.describe()}: {error}") from None
 
 
 def _matches(name: str, patterns: tuple[str, ...]) -> bool:

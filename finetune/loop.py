@@ -39,11 +39,13 @@ from data_shards.transforms import PilTransform, collate
 from finetune import checkpoints
 from finetune.schema import FinetuneConfig
 from pretrain.build import ds_config_for, lr_schedule, samples_in, seed_everything
-from pretrain.checkpoint import atomic_write_text
+from pretrain.checkpoint import OutputNotWritable, atomic_write_text, check_writable
 from pretrain.config import ConfigError, config_to_dict, from_mapping, load_config, resolve_path, save_config
+from pretrain.lockstep import DataFailure, control_group, lockstep_batches
 from pretrain.metrics_log import MetricsLog
 from pretrain.models.albef import build_albef
 from pretrain.models.text import build_tokenizer
+from pretrain.safe_loading import restricted_unpickling
 from pretrain.tasks.albef import parameter_groups
 from pretrain.train import cpu_thread_notes, is_first_rank, release_shared_memory, to_device
 
@@ -95,6 +97,8 @@ def parse_args(task: str, argv: list[str]) -> argparse.Namespace:
                         help="pretraining checkpoint dir (any ZeRO stage), exported .safetensors, ALBEF .pth, "
                              "or a fine-tuned run's checkpoints (with --evaluate)")
     parser.add_argument("--evaluate", action="store_true", help="only evaluate the checkpoint")
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="open the checkpoint's pickles with the full unpickler (only for files you trust)")
     parser.add_argument("--deepspeed_config", default=DEFAULT_DS_CONFIG, help="DeepSpeed JSON (ds_configs/*.json)")
     parser.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)))
     parser.add_argument("--output-dir", default=None, help="overrides run.output_dir")
@@ -204,8 +208,9 @@ def build_backbone(config: FinetuneConfig):
     return model, tokenizer
 
 
-def load_weights(task_module, spec: TaskSpec, config: FinetuneConfig, path: str, log: MetricsLog) -> str:
-    source = checkpoints.open_checkpoint(path)
+def load_weights(task_module, spec: TaskSpec, config: FinetuneConfig, path: str, log: MetricsLog,
+                 trusted: bool = False) -> str:
+    source = checkpoints.open_checkpoint(path, trusted)
     if source.kind == "finetune":
         checkpoints.load_matching(task_module, checkpoints.task_state(source), source=source.describe())
     else:
@@ -248,10 +253,11 @@ def finetune(spec: TaskSpec, args: argparse.Namespace) -> dict:
     data = config.data
     splits = {} if args.evaluate else {"train": data.train, "val": data.val}
     require_samples({**splits, **({"test": data.test} if data.test else {"val": data.val})})
+    output_dir = config.run.output_dir
+    check_writable(output_dir)
     _single_process_rendezvous()
     deepspeed.init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
-    output_dir = config.run.output_dir
     checkpoint_dir = os.path.join(output_dir, "checkpoints")
     ds_config, notes = ds_config_for(args.deepspeed_config, config.optim)
     micro_batch = ds_config["train_micro_batch_size_per_gpu"]
@@ -263,7 +269,7 @@ def finetune(spec: TaskSpec, args: argparse.Namespace) -> dict:
     seed_everything(config.run.seed)
     model, tokenizer = build_backbone(config)
     task_module = spec.build(model, tokenizer, options)
-    checkpoint_used = load_weights(task_module, spec, config, args.checkpoint, log)
+    checkpoint_used = load_weights(task_module, spec, config, args.checkpoint, log, args.trust_checkpoint)
     seed_everything(config.run.seed + rank)
 
     steps_per_epoch = 1
@@ -304,7 +310,7 @@ def train(spec, engine, config, options, tokenizer, steps_per_epoch, schedule_st
     total_steps = min(schedule_steps, config.run.max_steps or schedule_steps)
     progress = tqdm(total=total_steps, disable=rank != 0, desc=f"finetune {spec.name}", unit="step", file=sys.stderr)
     best, history, losses = None, [], {}
-    batches = iter(loader)
+    batches = lockstep_batches(loader, control_group())
     engine.train()
     step = 0
     while step < total_steps:
@@ -336,8 +342,9 @@ def train(spec, engine, config, options, tokenizer, steps_per_epoch, schedule_st
                 dist.barrier()
     progress.close()
     if best is not None and best["step"] != step:
-        engine.load_checkpoint(checkpoint_dir, tag=BEST_TAG, load_module_only=True, load_optimizer_states=False,
-                               load_lr_scheduler_states=False)
+        with restricted_unpickling(where=os.path.join(checkpoint_dir, BEST_TAG)):
+            engine.load_checkpoint(checkpoint_dir, tag=BEST_TAG, load_module_only=True, load_optimizer_states=False,
+                                   load_lr_scheduler_states=False)
     return {"steps": step, "final_loss": {name: value.item() for name, value in losses.items()},
             "val": best, "val_history": history}
 
@@ -346,9 +353,12 @@ def run(spec: TaskSpec, argv: list[str] | None = None) -> int:
     args = parse_args(spec.name, sys.argv[1:] if argv is None else argv)
     try:
         results = finetune(spec, args)
-    except (ConfigError, checkpoints.CheckpointError, DataError) as error:
+    except (ConfigError, checkpoints.CheckpointError, DataError, OutputNotWritable) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except DataFailure as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     finally:
         release_shared_memory()
     if dist.is_initialized():

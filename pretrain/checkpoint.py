@@ -32,10 +32,13 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from pretrain.safe_loading import load_file, restricted_unpickling
 
 LATEST = "latest"
 UNIVERSAL = "universal"
@@ -60,6 +63,28 @@ def atomic_write_text(path: str, text: str) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(temporary, path)
+
+
+class OutputNotWritable(OSError):
+    """The run's output folder cannot be written (read-only file system, no permission)."""
+
+
+def check_writable(directory: str, option: str = "--output-dir") -> None:
+    """Fail before any work when ``directory`` cannot hold the run's files; the message says which option moves it."""
+    try:
+        os.makedirs(directory, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=directory, prefix=".write-check-")  # noqa: SIM115
+        probe.close()
+    except OSError as error:
+        reason = error.strerror or str(error)
+        raise OutputNotWritable(f"cannot write to {directory} ({reason}); choose a writable folder with "
+                                f"{option}") from None
+
+
+def tag_step(tag: str) -> int | None:
+    """N of ``global_stepN`` (None for other tags such as ``best``)."""
+    match = TAG_PATTERN.match(os.path.basename(tag.split("/")[0]))
+    return int(match.group(1)) if match else None
 
 
 def rng_states() -> dict:
@@ -116,22 +141,52 @@ def read_latest(directory: str) -> str | None:
     return tag or None
 
 
+class ResumeError(ValueError):
+    """A ``--resume`` target that is not a complete checkpoint; the message names it and what exists."""
+
+
 def resolve_resume(resume: str | None, default_directory: str) -> tuple[str, str] | None:
     """``auto`` -> the ``latest`` of the run's own directory (None on a fresh run); ``none`` -> None;
-    a checkpoint directory or a ``DIR/global_stepN`` path -> that checkpoint. Returns (directory, tag)."""
+    a checkpoint directory or a ``DIR/global_stepN`` path -> that checkpoint. Returns (directory, tag),
+    checked to be a complete checkpoint before anything is built."""
     if resume in (None, "none"):
         return None
     if resume == "auto":
         tag = read_latest(default_directory)
-        return (default_directory, tag) if tag else None
-    path = os.path.normpath(resume)
-    if TAG_PATTERN.match(os.path.basename(path)):
-        return os.path.dirname(path), os.path.basename(path)
-    tag = read_latest(path)
-    if tag is None:
-        raise FileNotFoundError(f"--resume {resume!r}: no 'latest' file there; pass a checkpoints directory "
-                                f"or DIR/global_stepN")
-    return path, tag
+        if tag is None:
+            return None
+        directory = default_directory
+    else:
+        path = os.path.normpath(resume)
+        if TAG_PATTERN.match(os.path.basename(path)):
+            directory, tag = os.path.dirname(path), os.path.basename(path)
+        else:
+            directory, tag = path, read_latest(path)
+            if tag is None:
+                raise ResumeError(f"--resume {resume}: no 'latest' file there; pass a run's checkpoints directory "
+                                  f"or DIR/global_stepN{_available_tags(path)}")
+    check_complete(directory, tag, what=f"--resume {resume}")
+    return directory, tag
+
+
+def _available_tags(directory: str) -> str:
+    tags = sorted((int(match.group(1)), name) for name in (os.listdir(directory) if os.path.isdir(directory) else ())
+                  if (match := TAG_PATTERN.match(name)))
+    return f" (checkpoints there: {', '.join(name for _, name in tags)})" if tags else ""
+
+
+def check_complete(directory: str, tag: str, what: str) -> None:
+    """A tag directory that DeepSpeed and this loop can load: model states, client and task state present."""
+    tag_dir = os.path.join(directory, tag)
+    if not os.path.isdir(tag_dir):
+        raise ResumeError(f"{what}: {tag_dir} does not exist{_available_tags(directory)}")
+    needed = {"model states (*model_states.pt)": glob.glob(os.path.join(tag_dir, "*model_states.pt")),
+              "task_state.pt": glob.glob(os.path.join(tag_dir, "task_state.pt")),
+              "client_rank000.pt": glob.glob(os.path.join(tag_dir, "client_rank000.pt"))}
+    missing = [name for name, found in needed.items() if not found]
+    if missing:
+        raise ResumeError(f"{what}: {tag_dir} is not a complete checkpoint of this project (missing "
+                          f"{', '.join(missing)}){_available_tags(directory)}")
 
 
 def saved_world_size(directory: str, tag: str) -> int:
@@ -139,22 +194,24 @@ def saved_world_size(directory: str, tag: str) -> int:
     return len(glob.glob(os.path.join(directory, tag, "client_rank*.pt")))
 
 
-def read_client_state(directory: str, tag: str, rank: int) -> dict:
+def read_client_state(directory: str, tag: str, rank: int, trusted: bool = False) -> dict:
     client_file = os.path.join(directory, tag, f"client_rank{rank:03d}.pt")
     if not os.path.exists(client_file):
         return {}
-    return torch.load(client_file, map_location="cpu", weights_only=False)
+    return load_file(client_file, trusted=trusted)
 
 
-def convert_to_universal(tag_dir: str) -> str:
+def convert_to_universal(tag_dir: str, trusted: bool = False) -> str:
     """``TAG/universal`` from a ZeRO checkpoint with DeepSpeed's ds_to_universal (once; atomic rename)."""
     output = os.path.join(tag_dir, UNIVERSAL)
     if os.path.isdir(output):
         return output
     partial = f"{output}.partial{os.getpid()}"
-    command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", tag_dir,
-               "--output_folder", partial, "--inject_missing_state",
-               "--num_extract_workers", str(min(4, os.cpu_count() or 1)), "--num_merge_workers", "1"]
+    arguments = ["--input_folder", tag_dir, "--output_folder", partial, "--inject_missing_state",
+                 "--num_extract_workers", str(min(4, os.cpu_count() or 1)), "--num_merge_workers", "1"]
+    # DeepSpeed's converter unpickles every file of the checkpoint: it runs under the same allowlist.
+    runner = ["-m"] if trusted else ["-m", "pretrain.safe_loading"]
+    command = [sys.executable, *runner, "deepspeed.checkpoint.ds_to_universal", *arguments]
     result = subprocess.run(command, capture_output=True, text=True)
     stray = os.path.join(tag_dir, "latest_universal")  # the converter's own pointer; ours is the folder name
     if os.path.exists(stray):
@@ -166,7 +223,8 @@ def convert_to_universal(tag_dir: str) -> str:
     return output
 
 
-def prepare_world_size_change(directory: str, tag: str, world_size: int, ds_config: dict) -> str:
+def prepare_world_size_change(directory: str, tag: str, world_size: int, ds_config: dict,
+                              trusted: bool = False) -> str:
     """Every rank, before ``deepspeed.initialize``: the tag for ``engine.load_checkpoint``.
 
     The checkpoint's own tag when its world size is this one (or its optimizer state is whole);
@@ -180,7 +238,7 @@ def prepare_world_size_change(directory: str, tag: str, world_size: int, ds_conf
     failure = None
     if rank == 0:
         try:
-            convert_to_universal(tag_dir)
+            convert_to_universal(tag_dir, trusted)
         except RuntimeError as error:
             failure = error
     _barrier()
@@ -193,14 +251,17 @@ def prepare_world_size_change(directory: str, tag: str, world_size: int, ds_conf
 
 
 def load_checkpoint(engine, directory: str, tag: str, *, load_optimizer: bool = True,
-                    engine_tag: str | None = None) -> tuple[dict, dict]:
+                    engine_tag: str | None = None, trusted: bool = False) -> tuple[dict, dict]:
     """Load engine states (from ``engine_tag`` when given, e.g. ``TAG/universal``), then this rank's
-    client state (empty for a rank the checkpoint did not have) and the shared task state."""
+    client state (empty for a rank the checkpoint did not have) and the shared task state, every file
+    through the restricted unpickler unless ``trusted``."""
     rank = dist.get_rank() if dist.is_initialized() else 0
-    path, _ = engine.load_checkpoint(directory, tag=engine_tag or tag, load_optimizer_states=load_optimizer,
-                                     load_lr_scheduler_states=load_optimizer)
+    tag_dir = os.path.join(directory, tag)
+    with restricted_unpickling(trusted=trusted, where=tag_dir):
+        path, _ = engine.load_checkpoint(directory, tag=engine_tag or tag, load_optimizer_states=load_optimizer,
+                                         load_lr_scheduler_states=load_optimizer)
     if path is None:
-        raise FileNotFoundError(f"DeepSpeed could not load checkpoint {os.path.join(directory, tag)}")
-    client_state = read_client_state(directory, tag, rank)
-    task_state = torch.load(os.path.join(directory, tag, "task_state.pt"), map_location="cpu", weights_only=False)
+        raise FileNotFoundError(f"DeepSpeed could not load checkpoint {tag_dir}")
+    client_state = read_client_state(directory, tag, rank, trusted)
+    task_state = load_file(os.path.join(tag_dir, "task_state.pt"), trusted=trusted)
     return client_state, task_state

@@ -20,44 +20,47 @@ import torch
 from safetensors.torch import save_file
 
 from pretrain.checkpoint import read_latest
+from pretrain.safe_loading import UnsafeCheckpointError, load_file, restricted_unpickling
 
 MODEL_PREFIX = "model."
 
 
-def _module_state_from_stage0(tag_dir: str) -> dict:
+def _module_state_from_stage0(tag_dir: str, trusted: bool) -> dict:
     path = os.path.join(tag_dir, "mp_rank_00_model_states.pt")
-    states = torch.load(path, map_location="cpu", weights_only=False)
+    states = load_file(path, trusted=trusted)
     return {name: tensor.float() if tensor.is_floating_point() else tensor
             for name, tensor in states["module"].items()}
 
 
-def consolidated_module_state(directory: str, tag: str) -> dict:
-    """Full fp32 state dict of the engine's module (the task), whatever the ZeRO stage."""
+def consolidated_module_state(directory: str, tag: str, trusted: bool = False) -> dict:
+    """Full fp32 state dict of the engine's module (the task), whatever the ZeRO stage; every file goes
+    through the restricted unpickler unless ``trusted``."""
     tag_dir = os.path.join(directory, tag)
     if not os.path.isdir(tag_dir):
         raise FileNotFoundError(f"checkpoint {tag_dir} does not exist")
     if glob.glob(os.path.join(tag_dir, "*zero_pp_rank_*_optim_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        state = get_fp32_state_dict_from_zero_checkpoint(directory, tag=tag)
+        with restricted_unpickling(trusted=trusted, where=tag_dir):
+            state = get_fp32_state_dict_from_zero_checkpoint(directory, tag=tag)
         # zero_to_fp32 skips buffers; take them (e.g. position ids) from the model-states file.
         model_files = sorted(glob.glob(os.path.join(tag_dir, "*model_states.pt")))
-        model_states = torch.load(model_files[0], map_location="cpu", weights_only=False)
+        model_states = load_file(model_files[0], trusted=trusted)
         module = model_states.get("module") or {}
         for name in model_states.get("buffer_names", []):
             if name in module and name not in state:
                 state[name] = module[name]
         return state
-    return _module_state_from_stage0(tag_dir)
+    return _module_state_from_stage0(tag_dir, trusted)
 
 
-def albef_state_dict(directory: str, tag: str) -> dict:
-    module_state = consolidated_module_state(directory, tag)
+def albef_state_dict(directory: str, tag: str, trusted: bool = False) -> dict:
+    module_state = consolidated_module_state(directory, tag, trusted)
     state = {name[len(MODEL_PREFIX):]: tensor for name, tensor in module_state.items()
              if name.startswith(MODEL_PREFIX)}
     if "temp" in state:
         state["temp"] = state["temp"].reshape(())  # ALBEF's files hold a 0-d temperature
-    task_state = torch.load(os.path.join(directory, tag, "task_state.pt"), map_location="cpu", weights_only=False)
+    task_state = load_file(os.path.join(directory, tag, "task_state.pt"), trusted=trusted)
     state.update(task_state["momentum"])
     image_queue, text_queue = task_state["image_queue"], task_state["text_queue"]
     state["image_queue"] = image_queue["features"]
@@ -67,14 +70,14 @@ def albef_state_dict(directory: str, tag: str) -> dict:
     return {name: tensor.detach().clone().contiguous() for name, tensor in state.items()}
 
 
-def export(checkpoint: str, output: str, tag: str | None = None) -> str:
+def export(checkpoint: str, output: str, tag: str | None = None, trusted: bool = False) -> str:
     directory = os.path.normpath(checkpoint)
     if tag is None and os.path.basename(directory).startswith("global_step"):
         directory, tag = os.path.dirname(directory), os.path.basename(directory)
     tag = tag or read_latest(directory)
     if tag is None:
         raise FileNotFoundError(f"{checkpoint}: no 'latest' file; pass --tag or a global_stepN directory")
-    state = albef_state_dict(directory, tag)
+    state = albef_state_dict(directory, tag, trusted)
     config_path = os.path.join(directory, tag, "config.yaml")
     config_text = Path(config_path).read_text() if os.path.exists(config_path) else ""
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
@@ -90,10 +93,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("checkpoint", help="checkpoints directory (with 'latest') or DIR/global_stepN")
     parser.add_argument("output", help="output .safetensors file")
     parser.add_argument("--tag", default=None, help="checkpoint tag (default: the one 'latest' names)")
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="open its files with the full unpickler (only for files whose origin you trust)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        tag = export(args.checkpoint, args.output, args.tag)
-    except FileNotFoundError as error:
+        tag = export(args.checkpoint, args.output, args.tag, trusted=args.trust_checkpoint)
+    except (FileNotFoundError, UnsafeCheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(f"wrote {args.output} from {tag}")

@@ -2,7 +2,9 @@
 
 ``MetricsLog`` writes ``OUTPUT/logs/metrics.jsonl`` (one object per logged step) and TensorBoard
 events under ``OUTPUT/logs/tensorboard``; with ``run.log_keys`` every rank also writes the sample keys
-of each logged step to ``OUTPUT/logs/keys_rankNNN.jsonl``.
+of each logged step to ``OUTPUT/logs/keys_rankNNN.jsonl``. A run resumed from step N replays the steps
+after N that the interrupted run had already logged: ``resumed_at=N`` drops those records from the
+JSONL files and purges them from TensorBoard, so every step keeps one value.
 
 ``StepTimer`` splits wall time into waiting for data and computing, and reports samples/s. Model FLOPs
 utilisation is reported when the accelerator's dense bf16/fp16 peak is known: the FLOPs of one
@@ -35,20 +37,43 @@ def device_peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
     return None
 
 
+def drop_records_after(path: str, step: int) -> int:
+    """Rewrite a JSONL log without the step records past ``step`` (notes stay); returns how many went."""
+    if not os.path.exists(path):
+        return 0
+    with open(path) as handle:
+        lines = handle.readlines()
+    kept = [line for line in lines if not line.strip() or json.loads(line).get("step", 0) <= step]
+    if len(kept) != len(lines):
+        temporary = f"{path}.tmp{os.getpid()}"
+        with open(temporary, "w") as handle:
+            handle.writelines(kept)
+        os.replace(temporary, path)
+    return len(lines) - len(kept)
+
+
 class MetricsLog:
-    def __init__(self, output_dir: str, enabled: bool, label: str = "pretrain"):
+    def __init__(self, output_dir: str, enabled: bool, label: str = "pretrain", resumed_at: int | None = None):
         self.enabled = enabled
         self.label = label
         self.directory = os.path.join(output_dir, "logs")
         self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.keys_path = os.path.join(self.directory, f"keys_rank{self.rank:03d}.jsonl")
         os.makedirs(self.directory, exist_ok=True)
         self._writer = None
         self._jsonl = None
+        if resumed_at is not None:
+            drop_records_after(self.keys_path, resumed_at)
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._writer = SummaryWriter(os.path.join(self.directory, "tensorboard"))
-            self._jsonl = open(os.path.join(self.directory, "metrics.jsonl"), "a")  # noqa: SIM115 (closed in close())
+            metrics_path = os.path.join(self.directory, "metrics.jsonl")
+            replayed = drop_records_after(metrics_path, resumed_at) if resumed_at is not None else 0
+            purge = {"purge_step": resumed_at + 1} if resumed_at is not None else {}
+            self._writer = SummaryWriter(os.path.join(self.directory, "tensorboard"), **purge)
+            self._jsonl = open(metrics_path, "a")  # noqa: SIM115 (closed in close())
+            if replayed:
+                self.note(f"dropped {replayed} logged step(s) after step {resumed_at}: the resumed run logs them anew")
 
     def note(self, text: str) -> None:
         if self.enabled:
@@ -58,7 +83,7 @@ class MetricsLog:
 
     def write(self, step: int, record: dict, keys: list[str] | None = None) -> None:
         if keys is not None:
-            with open(os.path.join(self.directory, f"keys_rank{self.rank:03d}.jsonl"), "a") as handle:
+            with open(self.keys_path, "a") as handle:
                 handle.write(json.dumps({"step": step, "keys": list(keys), "loss": record.get("loss")}) + "\n")
         if not self.enabled:
             return

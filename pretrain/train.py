@@ -33,8 +33,10 @@ from data_shards.reader import Source
 from pretrain import checkpoint
 from pretrain.build import build_task, ds_config_for, lr_schedule, samples_in, seed_everything
 from pretrain.config import ConfigError, config_to_dict, load_config, save_config
+from pretrain.lockstep import DataFailure, control_group, lockstep_batches
 from pretrain.metrics_log import MetricsLog, StepTimer
 from pretrain.retrieval_eval import zero_shot_retrieval
+from pretrain.safe_loading import UnsafeCheckpointError
 from pretrain.schema import PretrainConfig
 from pretrain.tasks.albef import parameter_groups
 from pretrain.text_processing import TokenizeBatch
@@ -47,6 +49,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)),
                         help="set by the deepspeed launcher")
     parser.add_argument("--resume", default="auto", help="auto (default), none, or a checkpoint directory")
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="open the resumed checkpoint's pickles with the full unpickler (only for files you trust)")
     parser.add_argument("--max-steps", type=int, default=None, help="stop after N optimizer steps")
     parser.add_argument("--output-dir", default=None, help="overrides run.output_dir")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -82,25 +86,6 @@ def to_device(batch: dict, device: torch.device) -> dict:
             for key, value in batch.items()}
 
 
-def batches_forever(loader: StreamingLoader, exact: bool):
-    """Epoch after epoch. In exact mode ranks can run out at different times; all stop together."""
-    while True:
-        for batch in loader:
-            if exact and not _all_ranks_have_data(True):
-                loader.end_epoch()
-                break
-            yield batch
-        else:
-            if exact:
-                _all_ranks_have_data(False)
-
-
-def _all_ranks_have_data(have: bool) -> bool:
-    flag = torch.tensor([1 if have else 0], dtype=torch.int32)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
-
-
 def cpu_thread_notes() -> list[str]:
     """Ranks sharing one CPU machine each get an equal share of its cores (unless OMP_NUM_THREADS says)."""
     if torch.cuda.is_available() or "OMP_NUM_THREADS" in os.environ:
@@ -113,10 +98,12 @@ def cpu_thread_notes() -> list[str]:
 
 def train(args: argparse.Namespace) -> dict:
     config = resolved_config(args)
-    deepspeed.init_distributed()
-    rank, world = dist.get_rank(), dist.get_world_size()
     output_dir = config.run.output_dir
     checkpoint_dir = os.path.join(output_dir, "checkpoints")
+    checkpoint.check_writable(output_dir)
+    resume = checkpoint.resolve_resume(args.resume, checkpoint_dir)
+    deepspeed.init_distributed()
+    rank, world = dist.get_rank(), dist.get_world_size()
     ds_config, notes = ds_config_for(args.deepspeed_config, config.optim)
     micro_batch = ds_config["train_micro_batch_size_per_gpu"]
     accumulation = ds_config.get("gradient_accumulation_steps", 1)
@@ -137,20 +124,20 @@ def train(args: argparse.Namespace) -> dict:
     seed_everything(config.run.seed)
     task, tokenizer = build_task(config, micro_batch * world, steps_per_epoch * accumulation)
     seed_everything(config.run.seed + rank)  # then per rank: dropout, masking, negatives differ
-    resume = checkpoint.resolve_resume(args.resume, checkpoint_dir)
-    engine_tag = checkpoint.prepare_world_size_change(*resume, world, ds_config) if resume else None
+    trusted = args.trust_checkpoint
+    engine_tag = checkpoint.prepare_world_size_change(*resume, world, ds_config, trusted) if resume else None
     engine, _, _, _ = deepspeed.initialize(
         model=task, model_parameters=parameter_groups(task, config.optim.weight_decay), config=ds_config,
         lr_scheduler=lambda optimizer: lr_schedule(optimizer, config.optim, steps_per_epoch, schedule_steps))
     task.place(engine.device)
     device_type = "gpu" if engine.device.type == "cuda" else "cpu"
 
-    log = MetricsLog(output_dir, enabled=rank == 0)
+    log = MetricsLog(output_dir, enabled=rank == 0, resumed_at=checkpoint.tag_step(resume[1]) if resume else None)
     for note in notes + cpu_thread_notes():
         log.note(note)
     loader_seed, loader_state = config.run.seed, None
     if resume is not None:
-        client_state, task_state = checkpoint.load_checkpoint(engine, *resume, engine_tag=engine_tag)
+        client_state, task_state = checkpoint.load_checkpoint(engine, *resume, engine_tag=engine_tag, trusted=trusted)
         task.load_extra_state_dict(task_state)
         saved_world = checkpoint.saved_world_size(*resume)
         if saved_world in (0, world) and "loader" in client_state:
@@ -161,7 +148,7 @@ def train(args: argparse.Namespace) -> dict:
             # a fresh stream in the saved epoch under a seed moved on by the step (exact mode deals that
             # epoch anew over the new ranks, from its start; resampled mode draws anew).
             loader_seed = config.run.seed + engine.global_steps
-            epoch = checkpoint.read_client_state(*resume, rank=0).get("loader", {}).get("epoch", 0)
+            epoch = checkpoint.read_client_state(*resume, rank=0, trusted=trusted).get("loader", {}).get("epoch", 0)
             loader_state = {"epoch": epoch, "batches_in_epoch": 0, "slots": {}}
             seed_everything(loader_seed + rank)
             log.note(f"world size {saved_world} -> {world}: optimizer state from {engine_tag}; data streams "
@@ -175,7 +162,7 @@ def train(args: argparse.Namespace) -> dict:
     config_yaml = Path(output_dir, "config.yaml").read_text() if rank == 0 else ""
 
     timer = StepTimer(engine, samples_per_step=micro_batch * world * accumulation, accumulation=accumulation)
-    batches = batches_forever(loader, exact=config.data.mode == "exact")
+    batches = lockstep_batches(loader, control_group())
     progress = tqdm(total=total_steps, initial=engine.global_steps, disable=rank != 0, desc="pretrain",
                     unit="step", file=sys.stderr)
     losses = {}
@@ -250,6 +237,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"config error: {error}", file=sys.stderr)
         return 2
+    except (checkpoint.ResumeError, checkpoint.OutputNotWritable, UnsafeCheckpointError, DataFailure) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2 if not isinstance(error, DataFailure) else 1
     finally:
         release_shared_memory()
     if dist.is_initialized():

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from pretrain.safe_loading import UnsafeCheckpointError, load_file
+
 
 @dataclass(frozen=True)
 class LoadReport:
@@ -46,19 +48,24 @@ class LoadReport:
         return "\n".join(lines) if lines else "all keys loaded"
 
 
-def read_state_dict(path: str) -> dict[str, torch.Tensor]:
+def read_state_dict(path: str, trusted: bool = False) -> dict[str, torch.Tensor]:
     """Tensors of a LOCAL weight file: ``.safetensors``, or a torch pickle (``.pth``/``.pt``/``.bin``).
 
     A pickle may hold the state dict itself or wrap it as ``{"model": ...}`` (ALBEF, DeiT) or
-    ``{"state_dict": ...}``. Only tensors are read (``weights_only``): a file is never executed.
+    ``{"state_dict": ...}``. Pickles go through the restricted unpickler (``pretrain.safe_loading``;
+    ``trusted`` lifts it): a file is never executed.
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"weight file {path!r} does not exist; give a local .pth/.pt/.bin/.safetensors file")
     if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file as load_safetensors
 
-        return load_file(path, device="cpu")
-    loaded = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            return load_safetensors(path, device="cpu")
+        except SafetensorError as error:
+            raise UnsafeCheckpointError(f"{path} is not a readable safetensors file ({error})") from None
+    loaded = load_file(path, trusted=trusted)
     for wrapper in ("model", "state_dict"):
         if isinstance(loaded, dict) and isinstance(loaded.get(wrapper), dict):
             loaded = loaded[wrapper]
