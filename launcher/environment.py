@@ -29,7 +29,10 @@ ALLOWED_NAMES = (
 )
 # Families: collective-library tuning (NCCL, gloo, libfabric for EFA) and S3 settings and credentials.
 ALLOWED_PREFIXES = ("NCCL_", "TORCH_NCCL_", "GLOO_", "FI_", "AWS_")
-SECRET_PATTERN = re.compile(r"SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|API_?KEY|(^|_)KEY(_|$)", re.IGNORECASE)
+SECRET_PATTERN = re.compile(r"SECRET|PASSWORD|PASSWD|CREDENTIAL|API_?KEY|(^|_)(KEY|TOKEN)S?(_|$)", re.IGNORECASE)
+# A name ending like this holds where a secret lives (AWS_SHARED_CREDENTIALS_FILE, AWS_WEB_IDENTITY_TOKEN_FILE):
+# the path is what every node needs, and the file's content stays on the node.
+FILE_NAME_PATTERN = re.compile(r"_(FILE|PATH|DIR)$", re.IGNORECASE)
 NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # DeepSpeed wraps a value in double quotes inside the remote shell command; these would be interpreted.
 UNSAFE_CHARACTERS = set('"$`\\\n\r')
@@ -42,7 +45,7 @@ class ExportError(ValueError):
 
 
 def is_secret(name: str) -> bool:
-    return bool(SECRET_PATTERN.search(name))
+    return bool(SECRET_PATTERN.search(name)) and not FILE_NAME_PATTERN.search(name)
 
 
 def _check(name: str, value: str) -> None:

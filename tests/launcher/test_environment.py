@@ -76,6 +76,10 @@ def test_a_bad_variable_name_is_refused():
     ("AWS_SECRET_ACCESS_KEY", True), ("AWS_ACCESS_KEY_ID", True), ("AWS_SESSION_TOKEN", True),
     ("HF_TOKEN", True), ("WANDB_API_KEY", True), ("DB_PASSWORD", True), ("KEY", True),
     ("AWS_ENDPOINT_URL", False), ("PATH", False), ("KEYBOARD", False), ("MONKEY_LEVEL", False),
+    ("GITHUB_TOKEN", True), ("PGPASSWORD", True), ("AWS_CONTAINER_AUTHORIZATION_TOKEN", True),
+    # Settings that only look like secrets: the nodes need their values.
+    ("TOKENIZERS_PARALLELISM", False), ("AWS_SHARED_CREDENTIALS_FILE", False), ("AWS_WEB_IDENTITY_TOKEN_FILE", False),
+    ("SSH_KEY_PATH", False),
 ])
 def test_which_names_are_secrets(name, secret):
     assert is_secret(name) == secret
