@@ -201,9 +201,10 @@ def doctor_target(options: argparse.Namespace, hosts: dict[str, list[int]], expe
                   exports: Exports, master_port: int | None) -> doctor.Target:
     transport = {"no_ssh": "local", "slurm": "srun"}.get(options.launcher) or \
         ("ssh" if uses_remote_launch(options, hosts) else "local")  # a lone local host: DeepSpeed starts it here
+    output_dir = experiment.output_dir and os.path.abspath(experiment.output_dir)
     return doctor.Target(hosts=dict(hosts), workdir=os.getcwd(), repository=REPOSITORY, python=sys.executable,
-                         transport=transport, exports=exports.sent, output_dir=experiment.output_dir and
-                         os.path.abspath(experiment.output_dir), sources=experiment.sources,
+                         transport=transport, exports=exports.sent, required_secrets=exports.required,
+                         output_dir=output_dir, sources=experiment.sources,
                          hdfs_command=experiment.hdfs_command, master_port=master_port, ssh_port=options.ssh_port,
                          ssh_config=options.ssh_config, timeout_s=options.timeout, min_free_gb=options.min_free_gb)
 
