@@ -4,7 +4,9 @@ DeepSpeed's runner tests ssh to the first host only; a node with another library
 checkout, too few GPUs, a full disk or no access to the shards shows up an hour later as a hung
 collective. The doctor asks every active host at once (``launcher/probe.py`` over ssh with a
 timeout; srun under ``--launcher slurm``; this machine only under ``no_ssh``), compares the answers
-with the launching host, and prints one row per host::
+with the launching host, checks that each node holds the credentials the run needs (AWS for
+``s3://`` sources, the secrets named with ``--export``: a remote launch sends none from here), and
+prints one row per host::
 
     HOST       SLOTS  STATUS  DETAILS
     127.0.0.1  1      OK      python 3.11.9, deepspeed 0.19.8, rev 26d4807, CPU mode, 57 GiB free, ...
@@ -25,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from launcher import probe
+from launcher.environment import without_secrets
 
 EXIT_NO_WORKDIR, EXIT_NO_CHECKOUT, EXIT_NO_PYTHON = 201, 202, 203
 GIB = 1024 ** 3
@@ -38,7 +41,8 @@ class Target:
     repository: str                          # this checkout (the probe runs from it)
     python: str                              # the interpreter deepspeed will start on every node
     transport: str = "ssh"                   # ssh | srun (inside a SLURM job) | local (this machine)
-    exports: dict[str, str] = field(default_factory=dict)
+    exports: dict[str, str] = field(default_factory=dict)   # what .deepspeed_env sends: never a secret
+    required_secrets: tuple[str, ...] = ()   # --export names of secrets: each node must hold them itself
     output_dir: str | None = None
     sources: list[str] = field(default_factory=list)
     hdfs_command: str = "hdfs dfs -cat"
@@ -103,9 +107,12 @@ def _failure(target: Target, host: str, returncode: int, stderr: str) -> str:
 
 def ask(target: Target, host: str, request: dict) -> tuple[dict | None, str | None]:
     """(answer, None) or (None, the reason it failed)."""
+    # srun forwards its whole environment to the probe, as it does to the ranks, which get no secrets from
+    # here; a local probe inherits them, as local ranks do.
+    env = None if target.transport == "local" else without_secrets(dict(os.environ))
     try:  # its own process group, so that a timeout stops whatever the command started
         process = subprocess.Popen(transport(target, host), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, text=True, start_new_session=True)
+                                   stderr=subprocess.PIPE, text=True, start_new_session=True, env=env)
     except FileNotFoundError as error:
         return None, f"{error.filename} is not installed here"
     try:
@@ -157,14 +164,44 @@ def compare(reference: dict, answer: dict, host: str, slots: int, target: Target
     elif space["free_bytes"] < target.min_free_gb * GIB:
         problems.append(f"{space['free_bytes'] / GIB:.1f} GiB free under {space['checked']} (< "
                         f"{target.min_free_gb:g} GiB) -> free space or point run.output_dir elsewhere")
+    problems += credential_problems(answer, host, target)
     for source in answer["sources"]:
-        if not source["ok"]:
+        if source["ok"] is False:  # None: not tried, for want of the credentials reported above
             problems.append(f"cannot read shard {source['url']}: {source['detail']} -> check the path, mounts "
-                            f"and credentials on {host} (AWS_* variables are exported from here)")
+                            f"and credentials on {host}")
     port = answer.get("port")
     if port and not port["free"]:
         problems.append(f"master port {port['port']} is in use on {host} -> pass --master_port with a free "
                         f"port, or stop what holds it")
+    return problems
+
+
+def where_secrets_come_from(name: str, host: str, transport: str) -> str:
+    if transport == "local":
+        return f"`export {name}=...` in this shell (ranks started here inherit it)"
+    if transport == "srun":
+        return (f"have the tool read it from its own file on {host}, or set it for job steps there (a SLURM "
+                f"TaskProlog); srun gets no secrets from here")
+    return (f"set it where commands run over ssh see it on {host}: `export {name}=...` at the top of ~/.bashrc, "
+            f"or in a mode-0600 file sourced from there; secrets are not sent from here")
+
+
+def credential_problems(answer: dict, host: str, target: Target) -> list[str]:
+    """What the node lacks of the credentials the run needs; names and files only, never values."""
+    problems = []
+    credentials = answer.get("aws_credentials")
+    if credentials and not credentials["found"]:
+        url = next(source["url"] for source in answer["sources"] if "s3://" in source["url"])
+        problems.append(f"no AWS credentials on {host} for {url} ({credentials['detail']}) -> write them to "
+                        f"~/.aws/credentials on {host} (`aws configure`, mode 0600; AWS_PROFILE picks a profile) "
+                        f"or give {host} an instance role; AWS keys set here are not sent to the nodes")
+    elif credentials and credentials.get("private") is False:
+        problems.append(f"{credentials['file']} on {host} can be read by other users (mode {credentials['mode']}) "
+                        f"-> `chmod 600 {credentials['file']}` on {host}")
+    for name, present in answer.get("secrets", {}).items():
+        if not present:
+            problems.append(f"{name} is not set on {host} (the run needs it: --export {name}) -> "
+                            f"{where_secrets_come_from(name, host, target.transport)}")
     return problems
 
 
@@ -175,6 +212,12 @@ def summarize(answer: dict) -> str:
              f"rev {str(revision['commit'])[:7]}{'+changes' if revision['changes'] else ''}",
              "CPU mode" if accel["mode"] == "cpu" else f"{accel['count']} GPU(s)",
              f"{answer['disk']['free_bytes'] / GIB:.0f} GiB free"]
+    credentials = answer.get("aws_credentials") or {}
+    if credentials.get("found"):
+        parts.append(f"AWS credentials ({credentials['method']})")
+    present = [name for name, found in answer.get("secrets", {}).items() if found]
+    if present:
+        parts.append(f"{', '.join(present)} set")
     if answer["sources"]:
         parts.append(f"{len(answer['sources'])} shard source(s) readable")
     if answer.get("port"):
@@ -185,7 +228,8 @@ def summarize(answer: dict) -> str:
 def check_host(target: Target, reference: dict, host: str, first: bool) -> HostReport:
     slots = len(target.hosts[host])
     request = {"env": target.exports, "output_dir": target.output_dir, "sources": target.sources,
-               "hdfs_command": target.hdfs_command, "source_timeout_s": max(1.0, target.timeout_s * 0.6)}
+               "hdfs_command": target.hdfs_command, "source_timeout_s": max(1.0, target.timeout_s * 0.6),
+               "required_secrets": list(target.required_secrets)}
     if first:
         request.update(port=target.master_port, find_port=target.master_port is None)
     answer, failure = ask(target, host, request)

@@ -1,4 +1,4 @@
-"""What every node's ranks get in their environment: ``.deepspeed_env`` and secret masking.
+"""What every node's ranks get in their environment: ``.deepspeed_env``, and secrets kept off command lines.
 
 DeepSpeed's pdsh runner starts ranks over ssh, so the launching shell's environment does not reach
 them; it exports only ``PYTHON*`` (and ``NCCL*`` on CUDA) plus each ``KEY=VALUE`` line of a
@@ -6,12 +6,16 @@ them; it exports only ``PYTHON*`` (and ``NCCL*`` on CUDA) plus each ``KEY=VALUE`
 breaks the launch. This module writes that file from an allowlist plus variables the user names::
 
     exports = collect_exports(os.environ, ["WANDB_API_KEY", "MY_FLAG=1"])
-    write_deepspeed_env("/private/dir/.deepspeed_env", exports)   # mode 0600, no blank lines
-    print(deepspeed_env_text(masked(exports)))                      # secrets shown as ****
+    write_deepspeed_env("/private/dir/.deepspeed_env", exports.sent)   # mode 0600, no blank lines
+    print(held_back_note(exports))                                        # which secrets stay here
 
-Secrets (AWS keys, tokens, passwords: see ``is_secret``) are exported like any other variable but
-never printed: ``masked`` hides them in what the launcher shows, and ``MaskingPump`` filters them out
-of DeepSpeed's own output (its runner logs the whole pdsh command, exports included).
+Secrets (AWS keys, tokens, passwords: see ``is_secret``) are never sent. DeepSpeed turns every
+exported variable into ``export NAME=VALUE;`` on the pdsh command line (``-x NAME=VALUE`` for
+mpirun, ``--export=...`` for srun), which every user of the launching machine and of each node can
+read in ``ps``. So secrets stay out of ``.deepspeed_env`` and out of the environment DeepSpeed's
+runner starts with (``without_secrets``: it also copies ``PYTHON*``, ``MLFLOW*``, ``NCCL*``...
+variables onto that line by itself); each node holds its own credentials, and the doctor checks
+them there. ``MaskingPump`` still filters the secrets set here out of what the run prints.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import os
 import re
 import threading
+from dataclasses import dataclass, field
 from typing import BinaryIO
 
 # Exact names that a run on another node needs as they are here.
@@ -29,7 +34,10 @@ ALLOWED_NAMES = (
 )
 # Families: collective-library tuning (NCCL, gloo, libfabric for EFA) and S3 settings and credentials.
 ALLOWED_PREFIXES = ("NCCL_", "TORCH_NCCL_", "GLOO_", "FI_", "AWS_")
-SECRET_PATTERN = re.compile(r"SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|API_?KEY|(^|_)KEY(_|$)", re.IGNORECASE)
+SECRET_PATTERN = re.compile(r"SECRET|PASSWORD|PASSWD|CREDENTIAL|API_?KEY|(^|_)(KEY|TOKEN)S?(_|$)", re.IGNORECASE)
+# A name ending like this holds where a secret lives (AWS_SHARED_CREDENTIALS_FILE, AWS_WEB_IDENTITY_TOKEN_FILE):
+# the path is what every node needs, and the file's content stays on the node.
+FILE_NAME_PATTERN = re.compile(r"_(FILE|PATH|DIR)$", re.IGNORECASE)
 NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # DeepSpeed wraps a value in double quotes inside the remote shell command; these would be interpreted.
 UNSAFE_CHARACTERS = set('"$`\\\n\r')
@@ -42,7 +50,7 @@ class ExportError(ValueError):
 
 
 def is_secret(name: str) -> bool:
-    return bool(SECRET_PATTERN.search(name))
+    return bool(SECRET_PATTERN.search(name)) and not FILE_NAME_PATTERN.search(name)
 
 
 def _check(name: str, value: str) -> None:
@@ -55,21 +63,64 @@ def _check(name: str, value: str) -> None:
                                 f"carry; set {name} in the nodes' shell profile instead")
 
 
-def collect_exports(environ: dict[str, str], named: list[str] | tuple[str, ...] = ()) -> dict[str, str]:
+@dataclass(frozen=True)
+class Exports:
+    """What a remote launch carries to the nodes, and the secrets each node has to provide itself."""
+    sent: dict[str, str]                 # no secrets: written to .deepspeed_env, applied in the doctor's probe
+    held_back: dict[str, str] = field(default_factory=dict, repr=False)  # secrets set here, never sent
+    required: tuple[str, ...] = ()       # secrets named with --export: every node must hold them
+
+    @property
+    def not_sent(self) -> list[str]:
+        return sorted(set(self.held_back) | set(self.required))
+
+
+def collect_exports(environ: dict[str, str], named: list[str] | tuple[str, ...] = ()) -> Exports:
     """Allowlisted variables present in ``environ`` plus each ``NAME`` (value taken from ``environ``)
-    or ``NAME=VALUE`` in ``named``. Sorted by name, so the file is the same on every launch."""
-    exports = {name: value for name, value in environ.items()
-               if name in ALLOWED_NAMES or name.startswith(ALLOWED_PREFIXES)}
+    or ``NAME=VALUE`` in ``named``, split into what is sent and the secrets that are not. Sorted by
+    name, so the file is the same on every launch."""
+    chosen = {name: value for name, value in environ.items()
+              if name in ALLOWED_NAMES or name.startswith(ALLOWED_PREFIXES)}
+    required = []
     for item in named:
         name, equals, value = item.partition("=")
+        if not NAME_PATTERN.match(name):
+            raise ExportError(f"{name!r} is not a valid environment variable name")
+        if is_secret(name):
+            if equals:  # the value is already in this process's own command line; refuse to spread it further
+                raise ExportError(f"--export {name}=...: a secret's value on a command line can be read by every "
+                                  f"user of the machine (ps); keep {name} on each node instead (hostfiles/README.md, "
+                                  f"'Credentials on the nodes') and pass --export {name} so the doctor checks it there")
+            required.append(name)
+            if name in environ:
+                chosen[name] = environ[name]
+            continue
         if not equals:
             if name not in environ:
                 raise ExportError(f"--export {name}: {name} is not set here; set it, or pass {name}=VALUE")
             value = environ[name]
-        exports[name] = value
-    for name, value in exports.items():
+        chosen[name] = value
+    sent = {name: value for name, value in sorted(chosen.items()) if not is_secret(name)}
+    for name, value in sent.items():
         _check(name, value)
-    return dict(sorted(exports.items()))
+    held_back = {name: value for name, value in sorted(chosen.items()) if is_secret(name)}
+    return Exports(sent, held_back, tuple(sorted(set(required))))
+
+
+def without_secrets(environ: dict[str, str]) -> dict[str, str]:
+    """``environ`` less every secret-looking variable: what DeepSpeed's runner (and srun) may see."""
+    return {name: value for name, value in environ.items() if not is_secret(name)}
+
+
+def held_back_note(exports: Exports) -> str | None:
+    """One line naming the secrets a remote launch does not carry and where the nodes get them instead."""
+    if not exports.not_sent:
+        return None
+    checked = f"; the doctor checks {', '.join(exports.required)} on every node" if exports.required else ""
+    return (f"not sent to the nodes: {', '.join(exports.not_sent)} (a secret on a command line can be read by every "
+            f"user of the machine); each node uses its own: AWS keys from ~/.aws/credentials (mode 0600) or an "
+            f"instance role, other secrets from the environment ssh commands get there{checked} "
+            f"(hostfiles/README.md, 'Credentials on the nodes')")
 
 
 def deepspeed_env_text(exports: dict[str, str]) -> str:
@@ -78,8 +129,11 @@ def deepspeed_env_text(exports: dict[str, str]) -> str:
 
 
 def write_deepspeed_env(path: str, exports: dict[str, str]) -> str:
-    """Write the file readable by its owner only (it may hold credentials); returns ``path``."""
+    """Write the file readable by its owner only; returns ``path``. A secret here is a bug, not a choice:
+    DeepSpeed would put it on the pdsh command line."""
     for name, value in exports.items():
+        if is_secret(name):
+            raise ExportError(f"{name} looks like a secret and is never written to .deepspeed_env")
         _check(name, value)
     temporary = f"{path}.tmp{os.getpid()}"
     descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -87,10 +141,6 @@ def write_deepspeed_env(path: str, exports: dict[str, str]) -> str:
         handle.write(deepspeed_env_text(exports))
     os.replace(temporary, path)
     return path
-
-
-def masked(exports: dict[str, str]) -> dict[str, str]:
-    return {name: MASK if is_secret(name) and value else value for name, value in exports.items()}
 
 
 def secret_values(exports: dict[str, str]) -> list[str]:

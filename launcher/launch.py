@@ -6,7 +6,9 @@ the doctor (shard sources, output directory), runs the doctor on every active ho
     deepspeed --hostfile F [--include/--exclude S] --launcher pdsh --no_ssh_check \\
         --master_addr A --master_port P --module pretrain --config C --deepspeed_config D [args...]
 
-with ``DS_ENV_FILE`` pointing at a private ``.deepspeed_env`` (see ``launcher/environment.py``).
+with ``DS_ENV_FILE`` pointing at a private ``.deepspeed_env`` (see ``launcher/environment.py``), which,
+like the runner's own environment, holds no secrets: DeepSpeed copies exports onto the pdsh, mpirun
+or srun command line, so each node keeps its own credentials (the launcher names the ones it held back).
 ``--launcher no_ssh`` instead runs ``deepspeed --no_ssh --node_rank N`` on this node only (start it on
 every node yourself); ``--dry-run`` prints the command and the exported environment and starts nothing.
 DeepSpeed's own ssh check is switched off because the doctor has already reached every host, with
@@ -31,11 +33,13 @@ import yaml
 
 from launcher import doctor
 from launcher.environment import (
+    Exports,
     MaskingPump,
     collect_exports,
     deepspeed_env_text,
-    masked,
+    held_back_note,
     secret_values,
+    without_secrets,
     write_deepspeed_env,
 )
 from launcher.hostfile import active_hosts, parse_hostfile
@@ -194,12 +198,13 @@ def runner_environment(options: argparse.Namespace, env_file: str | None) -> dic
 
 
 def doctor_target(options: argparse.Namespace, hosts: dict[str, list[int]], experiment: Experiment,
-                  exports: dict[str, str], master_port: int | None) -> doctor.Target:
+                  exports: Exports, master_port: int | None) -> doctor.Target:
     transport = {"no_ssh": "local", "slurm": "srun"}.get(options.launcher) or \
         ("ssh" if uses_remote_launch(options, hosts) else "local")  # a lone local host: DeepSpeed starts it here
+    output_dir = experiment.output_dir and os.path.abspath(experiment.output_dir)
     return doctor.Target(hosts=dict(hosts), workdir=os.getcwd(), repository=REPOSITORY, python=sys.executable,
-                         transport=transport, exports=exports, output_dir=experiment.output_dir and
-                         os.path.abspath(experiment.output_dir), sources=experiment.sources,
+                         transport=transport, exports=exports.sent, required_secrets=exports.required,
+                         output_dir=output_dir, sources=experiment.sources,
                          hdfs_command=experiment.hdfs_command, master_port=master_port, ssh_port=options.ssh_port,
                          ssh_config=options.ssh_config, timeout_s=options.timeout, min_free_gb=options.min_free_gb)
 
@@ -215,14 +220,17 @@ def check_no_ssh(options: argparse.Namespace, hosts: dict[str, list[int]], runni
                           f"among the active hosts of {options.hostfile})")
 
 
-def print_dry_run(command: list[str], exports: dict[str, str], extra_env: dict[str, str], remote: bool,
+def print_dry_run(command: list[str], exports: Exports, extra_env: dict[str, str], remote: bool,
                   port_chosen: bool) -> None:
     if not port_chosen:
         print(f"# --master_port {DEFAULT_MASTER_PORT} shown: a real run takes a free port the doctor finds on the "
               f"first node (pass --master_port to fix one)")
     if remote:
-        print("# exported to every node through .deepspeed_env (secrets shown as ****):")
-        print(deepspeed_env_text(masked(exports)), end="")
+        print("# exported to every node through .deepspeed_env:")
+        print(deepspeed_env_text(exports.sent), end="")
+        note = held_back_note(exports)
+        if note:
+            print(f"# {note}")
     else:
         print("# ranks start on this node and inherit this shell's environment (no .deepspeed_env)")
     print("# command:")
@@ -231,7 +239,8 @@ def print_dry_run(command: list[str], exports: dict[str, str], extra_env: dict[s
 
 
 def run_process(command: list[str], env: dict[str, str], secrets: list[str]) -> int:
-    """Run deepspeed; with secrets in the exports its output passes through a masking filter."""
+    """Run deepspeed; with secrets set here its output passes through a masking filter (ranks started on
+    this machine inherit them, and a rank may print its environment)."""
     pipe = subprocess.PIPE if secrets else None
     process = subprocess.Popen(command, env=env, stdout=pipe, stderr=pipe)
     pumps = []
@@ -285,7 +294,12 @@ def launch(options: argparse.Namespace, module: str, passthrough: list[str], kin
                       or options.launcher == "no_ssh")
         return 0
     with tempfile.TemporaryDirectory(prefix="launcher-") as private:  # mode 0700
-        env_file = write_deepspeed_env(os.path.join(private, ".deepspeed_env"), exports) if remote else None
+        env_file = write_deepspeed_env(os.path.join(private, ".deepspeed_env"), exports.sent) if remote else None
         env = {**os.environ, **runner_environment(options, env_file)}
+        if remote:  # DeepSpeed's runner copies PYTHON*, MLFLOW*, NCCL*... variables onto the command line itself
+            env = without_secrets(env)
+            note = held_back_note(exports)
+            if note:
+                print(f"launcher: {note}", file=sys.stderr)
         print(f"launcher: {shlex.join(command)}", file=sys.stderr, flush=True)
-        return run_process(command, env, secret_values(exports))
+        return run_process(command, env, secret_values(exports.held_back))

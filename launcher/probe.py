@@ -1,15 +1,17 @@
 """What the doctor asks every node: ``python -m launcher.probe`` reads a JSON request on stdin, answers on stdout.
 
 The doctor runs it on each host over ssh (or srun, or locally for ``no_ssh``) from the same checkout
-and interpreter path that ``deepspeed`` will use there. The request travels on stdin, so the
-exported variables (credentials included) never appear on a command line::
+and interpreter path that ``deepspeed`` will use there, so it sees the environment the ranks will
+see: the node's own plus the exported variables, which travel on stdin and never hold a secret::
 
     echo '{"env": {"DS_ACCELERATOR": "cpu"}, "output_dir": "/runs/x", "sources": ["/data/a-{0..9}.tar"],
-           "port": 29500}' | python -m launcher.probe
+           "port": 29500, "required_secrets": ["WANDB_API_KEY"]}' | python -m launcher.probe
 
 The answer is one JSON object: hostname, Python and package versions, code revision, accelerators,
 free disk under the output directory, whether the first shard of each source opens as a tar, and
-whether the master port is free (or a free one when ``find_port`` is set). Nothing here imports
+whether the master port is free (or a free one when ``find_port`` is set). With an ``s3://`` source
+it says whether boto3 finds AWS credentials on the node, from where, and whether a credentials file
+is private; for each required secret, whether it is set. Never a secret's value. Nothing here imports
 torch unless the accelerator count is needed (DS_ACCELERATOR is not ``cpu``).
 """
 
@@ -23,6 +25,7 @@ import os
 import platform
 import shutil
 import socket
+import stat
 import subprocess
 import sys
 import tarfile
@@ -112,6 +115,36 @@ def first_shard(spec: str, hdfs_command: str, timeout_s: float) -> dict:
     return dict(answer)
 
 
+def aws_credentials() -> dict:
+    """Whether boto3 finds credentials here and where they come from (``method``); never their values.
+
+    botocore walks the same chain the ranks' S3 reads will: environment, ``~/.aws/credentials`` (or
+    ``AWS_SHARED_CREDENTIALS_FILE``, with ``AWS_PROFILE``), ``~/.aws/config``, SSO, container and
+    instance roles. A credentials file that other users can read is reported as not ``private``.
+    """
+    try:
+        import botocore.session
+    except ImportError as error:
+        return {"found": False, "detail": f"botocore is not installed ({error})"}
+    session = botocore.session.get_session()
+    try:
+        credentials = session.get_credentials()
+    except Exception as error:  # a profile that does not exist, a config file that does not parse
+        return {"found": False, "detail": f"{type(error).__name__}: {error}"}
+    if credentials is None:
+        return {"found": False, "detail": "none in the environment, ~/.aws or an instance role"}
+    answer = {"found": True, "method": credentials.method}
+    variable = {"shared-credentials-file": "credentials_file", "config-file": "config_file"}.get(credentials.method)
+    if variable:
+        path = os.path.expanduser(session.get_config_variable(variable))
+        try:
+            mode = stat.S_IMODE(os.stat(path).st_mode)
+        except OSError:
+            return answer
+        answer.update(file=path, mode=f"{mode:04o}", private=not mode & 0o077)
+    return answer
+
+
 def port_is_free(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as torch's TCPStore binds it
@@ -135,7 +168,16 @@ def answer(request: dict) -> dict:
     facts["disk"] = disk(request.get("output_dir"))
     timeout_s = float(request.get("source_timeout_s", 20))
     hdfs_command = request.get("hdfs_command", "hdfs dfs -cat")
-    facts["sources"] = [first_shard(spec, hdfs_command, timeout_s) for spec in request.get("sources", [])]
+    sources = request.get("sources", [])
+    if any("s3://" in spec for spec in sources):  # also `pipe:aws s3 cp s3://...`: the same credentials
+        facts["aws_credentials"] = aws_credentials()
+    facts["sources"] = []
+    for spec in sources:
+        if "s3://" in spec and not facts["aws_credentials"]["found"]:  # reading would only repeat that
+            facts["sources"].append({"url": spec, "ok": None, "detail": "not read: no AWS credentials"})
+        else:
+            facts["sources"].append(first_shard(spec, hdfs_command, timeout_s))
+    facts["secrets"] = {name: bool(os.environ.get(name)) for name in request.get("required_secrets", [])}
     if request.get("port"):
         facts["port"] = {"port": request["port"], "free": port_is_free(request["port"])}
     elif request.get("find_port"):

@@ -5,6 +5,10 @@ client key in a temporary directory, and yields the ssh client config that reach
 the launcher hands the same file to pdsh). Nothing in the user's ``~/.ssh`` is read or written. The
 tests that need it skip, with the reason, when openssh-server or pdsh is not installed (``make setup``
 installs both when it runs as root).
+
+Each loopback "node" also gets what a real machine keeps for itself, set by sshd for the sessions
+that reach that address: its own AWS files (``SshServer.aws_directory(node)``, empty until a test
+writes ``credentials`` there), and on 127.0.0.1 only, ``NODE_API_TOKEN`` in its environment.
 """
 
 from __future__ import annotations
@@ -24,12 +28,17 @@ from tests.pretrain.conftest import REPO, tiny_shards  # noqa: F401  (the shared
 
 SSH_PORT = 2222
 LOOPBACK_NODES = ("127.0.0.1", "127.0.0.2")
+NODE_SECRET = ("NODE_API_TOKEN", "node-own-token-3e9d")  # in 127.0.0.1's own environment only
 
 
 @dataclass(frozen=True)
 class SshServer:
     config: Path          # ssh client config: ssh -F config 127.0.0.1 reaches the server
     directory: Path
+
+    def aws_directory(self, node: str) -> Path:
+        """The node's own ~/.aws: ssh sessions to ``node`` read credentials and config from here."""
+        return self.directory / "nodes" / node / "aws"
 
 
 def missing_ssh_tools() -> str | None:
@@ -55,11 +64,20 @@ def _write_server_files(directory: Path) -> Path:
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(directory / name)], check=True)
     shutil.copy(directory / "client_key.pub", directory / "authorized_keys")
     listen = "".join(f"ListenAddress {node}\n" for node in LOOPBACK_NODES)
+    # Both addresses share one file system; the per-address environment is what tells the nodes apart.
+    per_node = ""
+    for node in LOOPBACK_NODES:
+        aws = directory / "nodes" / node / "aws"
+        aws.mkdir(parents=True)
+        secret = f" {NODE_SECRET[0]}={NODE_SECRET[1]}" if node == LOOPBACK_NODES[0] else ""
+        per_node += (f"Match LocalAddress {node}\n"
+                     f"  SetEnv AWS_SHARED_CREDENTIALS_FILE={aws / 'credentials'} AWS_CONFIG_FILE={aws / 'config'}"
+                     f"{secret}\n")
     (directory / "sshd_config").write_text(
         f"Port {SSH_PORT}\n{listen}HostKey {directory / 'host_key'}\nPidFile {directory / 'sshd.pid'}\n"
         f"AuthorizedKeysFile {directory / 'authorized_keys'}\nPubkeyAuthentication yes\n"
         "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n"
-        "StrictModes no\nPermitRootLogin prohibit-password\n")
+        f"StrictModes no\nPermitRootLogin prohibit-password\n{per_node}")
     host_key = " ".join((directory / "host_key.pub").read_text().split()[:2])
     (directory / "known_hosts").write_text("".join(f"[{node}]:{SSH_PORT} {host_key}\n" for node in LOOPBACK_NODES))
     client = directory / "ssh_config"

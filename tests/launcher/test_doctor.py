@@ -49,10 +49,39 @@ def test_each_difference_is_a_problem_with_a_fix():
         f"{reference['revision']['commit']}` on w1",
         "4 GPU(s) < slots=8 -> lower slots to 4 for w1 in the hostfile",
         "2.0 GiB free under /runs (< 10 GiB) -> free space or point run.output_dir elsewhere",
-        "cannot read shard s3://b/a-0.tar: NoSuchKey -> check the path, mounts and credentials on w1 (AWS_* "
-        "variables are exported from here)",
+        "cannot read shard s3://b/a-0.tar: NoSuchKey -> check the path, mounts and credentials on w1",
         "master port 29500 is in use on w1 -> pass --master_port with a free port, or stop what holds it",
     ]
+
+
+def test_credentials_the_run_needs_are_checked_on_each_node_by_name_only():
+    reference = local_facts()
+    target = doctor.Target(hosts={"w1": [0]}, workdir="/w", repository="/w", python="/w/py")
+    answer = {**healthy_answer(reference),
+              "aws_credentials": {"found": False, "detail": "none in the environment, ~/.aws or an instance role"},
+              "sources": [{"url": "/data/a-0.tar", "ok": True, "detail": "k.jpg"},
+                          {"url": "s3://b/t-{0..3}.tar", "ok": None, "detail": "not read: no AWS credentials"}],
+              "secrets": {"WANDB_API_KEY": False, "HF_TOKEN": True}}
+    assert doctor.compare(reference, answer, "w1", 1, target) == [
+        "no AWS credentials on w1 for s3://b/t-{0..3}.tar (none in the environment, ~/.aws or an instance role) -> "
+        "write them to ~/.aws/credentials on w1 (`aws configure`, mode 0600; AWS_PROFILE picks a profile) or give "
+        "w1 an instance role; AWS keys set here are not sent to the nodes",
+        "WANDB_API_KEY is not set on w1 (the run needs it: --export WANDB_API_KEY) -> set it where commands run "
+        "over ssh see it on w1: `export WANDB_API_KEY=...` at the top of ~/.bashrc, or in a mode-0600 file sourced "
+        "from there; secrets are not sent from here",
+    ]
+    assert "AWS credentials" not in doctor.summarize(answer) and "HF_TOKEN set" in doctor.summarize(answer)
+    shared = {"found": True, "method": "shared-credentials-file", "file": "/home/u/.aws/credentials", "mode": "0644",
+              "private": False}
+    answer.update(aws_credentials=shared, secrets={"HF_TOKEN": True},
+                  sources=[{"url": "s3://b/t-0.tar", "ok": True, "detail": "k.jpg"}])
+    assert doctor.compare(reference, answer, "w1", 1, target) == [
+        "/home/u/.aws/credentials on w1 can be read by other users (mode 0644) -> `chmod 600 "
+        "/home/u/.aws/credentials` on w1"]
+    answer["aws_credentials"].update(mode="0600", private=True)
+    assert doctor.compare(reference, answer, "w1", 1, target) == []
+    assert "AWS credentials (shared-credentials-file), HF_TOKEN set, 1 shard source(s) readable" in \
+        doctor.summarize(answer)
 
 
 def test_unreachable_code_interpreter_or_a_hung_host_fail_with_the_reason(tmp_path):

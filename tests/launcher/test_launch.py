@@ -28,9 +28,11 @@ def experiment(tmp_path) -> Path:
     return write_experiment(tmp_path, {"train": "/data/never-read-{000000..000003}.tar"})
 
 
-def test_dry_run_prints_the_exact_pdsh_command_and_masked_exports(tmp_path, experiment, capsys, monkeypatch):
+def test_dry_run_prints_the_exact_pdsh_command_and_exports_without_secrets(tmp_path, experiment, capsys,
+                                                                            monkeypatch):
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "very-secret-value")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
     monkeypatch.setenv("MY_SETTING", "7")
     monkeypatch.delenv("PYTHONPATH", raising=False)
     monkeypatch.delenv("PDSH_SSH_ARGS_APPEND", raising=False)
@@ -46,7 +48,10 @@ def test_dry_run_prints_the_exact_pdsh_command_and_masked_exports(tmp_path, expe
         DEEPSPEED, "--hostfile", str(hostfile), "--launcher", "pdsh", "--no_ssh_check", "--master_addr", "127.0.0.1",
         "--master_port", "29555", "--module", "pretrain", "--config", str(experiment), "--deepspeed_config", "ds.json",
         "--max-steps", "3", "--set", "optim.lr=1e-3"]
-    assert "AWS_SECRET_ACCESS_KEY=****" in before and "DS_ACCELERATOR=cpu" in before and "MY_SETTING=7" in before
+    exported = before[before.index("# exported to every node through .deepspeed_env:") + 1:-2]
+    assert {"DS_ACCELERATOR=cpu", "MY_SETTING=7", "AWS_DEFAULT_REGION=eu-west-1"} <= set(exported)
+    assert not any(line.startswith("AWS_SECRET_ACCESS_KEY") for line in exported)
+    assert before[-2].startswith("# not sent to the nodes: AWS_SECRET_ACCESS_KEY (a secret on a command line")
     assert "very-secret-value" not in "\n".join(before + command)
     assert before[-1] == "# command:"
 
@@ -100,6 +105,7 @@ def test_finetune_runs_the_task_module_with_its_arguments(tmp_path, capsys, monk
      "--launcher no_ssh needs --node_rank between 0 and 1"),
     (["--include", "ghost"], "--include 'ghost': host 'ghost' is not in the hostfile"),
     (["--export", "NOT_SET_ANYWHERE_XYZ"], "--export NOT_SET_ANYWHERE_XYZ: NOT_SET_ANYWHERE_XYZ is not set here"),
+    (["--export", "WANDB_API_KEY=typed-in-clear"], "--export WANDB_API_KEY=...: a secret's value on a command line"),
     (["--set", "optim.lrr=1"], "unknown key optim.'lrr' in OptimConfig"),
 ])
 def test_bad_options_stop_before_anything_runs(tmp_path, experiment, capsys, arguments, message):
