@@ -19,7 +19,11 @@ reads local shards with DALI's ``readers.webdataset`` and ``.idx`` files. CPU pi
                  PIL's (and ALBEF's) to the exclusive one, so a bin holding many pixels (the grey fill
                  after a rotate) lands tens of levels apart. DALI has no histogram op to rebuild PIL's
                  LUT in the pipeline; about 10% of RandAugment(2, 7) images draw equalize.
-Photometric ops run in plan order through DALI conditionals, one slot per RandAugment op::
+Images become 8-bit RGB by the rule of ``data_shards.image_modes``, as on the PIL path: before a batch
+runs, each image header is checked, and images too large, of a mode without an agreed 8-bit RGB (32-bit
+integer, float) or of a format DALI does not decode (GIF, ICO) are dropped and counted by reason. DALI
+decodes without EXIF rotation (``adjust_orientation=False``; its default turns the image), so pixels stay
+where the boxes say. Photometric ops run in plan order through DALI conditionals, one slot per RandAugment op::
 
     decoder = DaliDecoder(TransformConfig(), batch_size=64, device="cpu")
     batch = decoder.decode(raw_samples)   # {"__key__", "image" [B,3,H,W] or [B,2,3,H,W], "text", "meta"}
@@ -29,22 +33,23 @@ Tests: ``.venv/bin/python -m pytest -q tests/data_shards/test_dali_pipeline.py``
 
 from __future__ import annotations
 
-import io
 import math
 import os
 from collections import Counter
 
 import numpy as np
 import torch
-from PIL import Image
 
 from data_shards import boxes, tar_samples, transforms
 from data_shards.boxes import AugmentPlan, TransformConfig
 from data_shards.dali_index import index_url_for
+from data_shards.image_modes import ImageRejected, check_mode, open_image, sample_image_name
 
 DEVICES = ("cpu", "gpu")
 OP_CODES = {"brightness": 1, "sharpness": 2, "autocontrast": 3, "equalize": 4}  # 0: empty slot
 DEFAULT_FILL = AugmentPlan.__dataclass_fields__["fill"].default
+# Pillow's names of the formats DALI decodes on the CPU (measured; GIF and ICO fail inside DALI).
+DALI_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "BMP", "TIFF", "JPEG2000", "PPM"})
 # PIL's ImageFilter.SMOOTH, which ImageEnhance.Sharpness blends against.
 SMOOTH_KERNEL = np.array([[1, 1, 1], [1, 5, 1], [1, 1, 1]], dtype=np.float32) / 13.0
 
@@ -70,22 +75,43 @@ def check_device(device: str) -> None:
 
 
 def image_size(data: bytes) -> tuple[int, int]:
-    """(width, height) from the image header alone; ValueError when it is not a readable image."""
+    """(width, height) from the image header alone, without the decompression-bomb warning (``render``
+    gives it, naming the sample); ValueError when it is not a readable image or too large."""
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with open_image(data) as image:
             return image.size
     except Exception as error:
         raise ValueError(f"cannot read the image header of {len(data)} bytes ({error})") from error
 
 
-def image_inputs(data: bytes, plan: AugmentPlan, slots: int) -> dict[str, np.ndarray]:
-    """One image's values for the pipeline's external sources, keyed by source name."""
+def renderable_size(data: bytes, name: str) -> tuple[int, int]:
+    """(width, height) of an image this pipeline renders as the PIL path would; ImageRejected, with the
+    reason the skip counts show, for one too large, of a mode without an agreed 8-bit RGB (32-bit integer,
+    float) or of a format DALI does not decode; ValueError when the header is unreadable."""
+    try:
+        image = open_image(data, name)
+    except ImageRejected:
+        raise
+    except Exception as error:
+        raise ValueError(f"{name}: cannot read the image header ({error})") from error
+    with image:
+        check_mode(image, name)
+        if image.format not in DALI_FORMATS:
+            raise ImageRejected(tar_samples.SKIP_UNSUPPORTED_IMAGE_FORMAT, (
+                f"{name}: DALI does not decode {image.format} images; use the PIL decoder for such shards, "
+                "or rebuild them (python -m data_shards build re-encodes such images to JPEG)"))
+        return image.size
+
+
+def image_inputs(data: bytes, plan: AugmentPlan, slots: int, size: tuple[int, int]) -> dict[str, np.ndarray]:
+    """One image's values for the pipeline's external sources, keyed by source name; ``size`` is the
+    image's (width, height)."""
     if len(plan.photometric) > slots:
         raise ValueError(f"plan has {len(plan.photometric)} photometric ops; this decoder renders at most "
                          f"{slots} (TransformConfig.randaugment_ops)")
     if tuple(plan.fill) != DEFAULT_FILL:
         raise ValueError(f"DALI warp_affine takes one fill value, {DEFAULT_FILL}; the plan has {plan.fill}")
-    width, height = image_size(data)
+    width, height = size
     x0, y0, x1, y1 = plan.crop
     # Decode the crop plus the cubic filter's reach (2 output pixels, in source pixels) where the image
     # has them: PIL's resample reads past the crop box too, so the crop's edge pixels agree.
@@ -181,8 +207,8 @@ class DaliDecoder:
 
     Plans come from the same per-sample generators as ``PilTransform(config, seed)`` at the same epoch
     (``set_epoch``): a sample's ``__view__`` from the reader, else the call count. So the same samples
-    get the same plans on both paths. Images neither DALI nor PIL can decode are dropped from the batch
-    and counted in ``skipped``.
+    get the same plans on both paths. Images neither DALI nor PIL can decode, and images either path
+    refuses (see ``renderable_size``), are dropped from the batch and counted in ``skipped`` by reason.
     """
 
     def __init__(self, config: TransformConfig, batch_size: int, *, device: str = "cpu", num_threads: int = 2,
@@ -242,11 +268,20 @@ class DaliDecoder:
                              f"{len(plans)} plans")
         kept = []
         for sample, plan in zip(samples, plans, strict=True):
-            if plan is None:
+            image_keys = transforms._image_keys(sample)
+            try:
+                sizes = [renderable_size(sample[image_key], sample_image_name(sample, image_key))
+                         for image_key in image_keys]
+            except ImageRejected as rejected:
+                self.skipped[rejected.reason] += 1
+                continue
+            except ValueError:
+                sizes = None
+            if sizes is None or plan is None:
                 self.skipped[tar_samples.SKIP_UNDECODABLE_IMAGE] += 1
             else:
-                kept.append((sample, (plan,) if isinstance(plan, AugmentPlan) else tuple(plan)))
-        if len({len(image_plans) for _, image_plans in kept}) > 1:
+                kept.append((sample, (plan,) if isinstance(plan, AugmentPlan) else tuple(plan), sizes))
+        if len({len(image_plans) for _, image_plans, _ in kept}) > 1:
             raise ValueError("a batch mixes one-image and two-image samples; do not mix them in a batch")
         try:
             pixels = self._run(kept)
@@ -256,7 +291,7 @@ class DaliDecoder:
         if kept and len(kept[0][1]) == 2:
             pixels = pixels.view(len(kept), 2, *pixels.shape[1:])
         batch = {"__key__": [], "image": pixels, "text": [], "meta": []}
-        for sample, image_plans in kept:
+        for sample, image_plans, _ in kept:
             text, meta = transforms._as_text(sample.get("txt")), dict(transforms._as_meta(sample.get("json")))
             if len(image_plans) == 1:  # two-image statements talk about the pair and stay as they are
                 text, meta = (boxes.transform_text(text, image_plans[0], self.config),
@@ -266,13 +301,13 @@ class DaliDecoder:
             batch["meta"].append(meta)
         return batch
 
-    def _run(self, kept: list[tuple[dict, tuple]]) -> torch.Tensor:
+    def _run(self, kept: list[tuple[dict, tuple, list]]) -> torch.Tensor:
         columns = []
-        for sample, image_plans in kept:
-            for image_key, plan in zip(transforms._image_keys(sample), image_plans, strict=True):
+        for sample, image_plans, sizes in kept:
+            for image_key, plan, size in zip(transforms._image_keys(sample), image_plans, sizes, strict=True):
                 if tuple(plan.size) != (self.config.image_size,) * 2:
                     raise ValueError(f"plan size {plan.size} is not image_size {self.config.image_size}")
-                columns.append(image_inputs(sample[image_key], plan, self.config.randaugment_ops))
+                columns.append(image_inputs(sample[image_key], plan, self.config.randaugment_ops, size))
         from nvidia.dali.plugin.pytorch import feed_ndarray
 
         target = "cuda" if self.device == "gpu" else "cpu"
@@ -293,11 +328,12 @@ class DaliDecoder:
         cannot decode either; when PIL decodes them all, the failure is DALI's own and is raised."""
         self._pipeline = None
         readable = []
-        for sample, image_plans in kept:
+        for entry in kept:
+            sample = entry[0]
             try:
                 for image_key in transforms._image_keys(sample):
                     transforms.decode_image(sample[image_key])
-                readable.append((sample, image_plans))
+                readable.append(entry)
             except ValueError:
                 self.skipped[tar_samples.SKIP_UNDECODABLE_IMAGE] += 1
         if len(readable) < len(kept):

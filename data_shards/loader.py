@@ -51,8 +51,8 @@ class _WorkerBatches(IterableDataset):
             if self.transform is not None:
                 try:
                     sample = self.transform(sample)
-                except ValueError:
-                    reader.skipped[SKIP_UNDECODABLE_IMAGE] += 1
+                except ValueError as error:  # ImageRejected says why; other decode failures are one reason
+                    reader.skipped[getattr(error, "reason", SKIP_UNDECODABLE_IMAGE)] += 1
                     continue
             pending.append(sample)
             if len(pending) == self.batch_size:

@@ -17,7 +17,6 @@ Tests: ``.venv/bin/python -m pytest -q tests/data_shards/test_transforms.py``.
 
 from __future__ import annotations
 
-import io
 import json
 import random
 
@@ -34,16 +33,23 @@ from data_shards.boxes import (
     transform_meta,
     transform_text,
 )
+from data_shards.image_modes import ImageRejected, check_mode, open_image, sample_image_name, to_rgb
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
 
-def decode_image(data: bytes) -> Image.Image:
-    """Decode image bytes to an RGB image. No EXIF rotation: boxes refer to the stored pixels."""
+def decode_image(data: bytes, name: str | None = None) -> Image.Image:
+    """Decode image bytes to 8-bit RGB by the rule of ``data_shards.image_modes``, the pixels the DALI path
+    gives. No EXIF rotation: boxes refer to the stored pixels. ``name`` (see ``sample_image_name``) goes
+    into the decompression-bomb warning; images over twice that size or of a mode without an agreed 8-bit
+    RGB (32-bit integer, float) raise ``ImageRejected``, a ValueError whose ``reason`` the loader counts."""
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-            return image.convert("RGB")
+        image = open_image(data, name)
+        check_mode(image, name)  # before decoding pixels that would be refused anyway
+        image.load()
+        return to_rgb(image, name)
+    except ImageRejected:
+        raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         raise ValueError(
             f"cannot decode image: {len(data)} bytes starting {bytes(data[:8])!r} are not a readable "
@@ -71,8 +77,7 @@ def render_plan(image: Image.Image, plan: AugmentPlan, config: TransformConfig) 
     default), sampled dst -> src with ``invert_affine``; the DALI path uses the same filters.
     """
     height, width = plan.size
-    if image.mode != "RGB":
-        image = image.convert("RGB")
+    image = to_rgb(image)
     image = image.resize((width, height), Image.Resampling.BICUBIC, box=plan.crop)
     if plan.flip:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
@@ -172,7 +177,10 @@ class PilTransform:
         meta = _as_meta(sample.get("json"))
         rng = self._next_random(key, sample.get("__view__"))
         try:
-            images = [decode_image(sample[image_key]) for image_key in image_keys]
+            images = [decode_image(sample[image_key], sample_image_name(sample, image_key))
+                      for image_key in image_keys]
+        except ImageRejected:
+            raise  # its message names the sample already
         except ValueError as error:
             raise ValueError(f"sample {key!r} from {sample.get('__url__')!r}: {error}") from error
         check_text = _flip_check_text(text, meta)

@@ -200,6 +200,24 @@ def test_undecodable_images_are_dropped_and_counted():
     assert decoder.decode([sample(4)])["__key__"] == ["k004"]  # the rebuilt pipeline keeps working
 
 
+def test_images_pil_and_dali_disagree_on_are_skipped_by_reason():
+    """32-bit integer and float TIFFs and GIFs used to fail the whole batch inside DALI (PIL decoded them,
+    so the decoder raised); now they are dropped and counted by reason and the rest renders."""
+    def encoded(image: Image.Image, image_format: str) -> bytes:
+        buffer = io.BytesIO()
+        image.save(buffer, image_format)
+        return buffer.getvalue()
+
+    integers = encoded(Image.fromarray(np.full((20, 20), 70000, np.int32)), "TIFF")
+    floats = encoded(Image.fromarray(np.full((20, 20), 0.5, np.float32)), "TIFF")
+    gif = encoded(Image.new("P", (20, 20)), "GIF")
+    decoder = DaliDecoder(TransformConfig(image_size=SIZE, train=False), 4, device="cpu")
+    batch = decoder.decode([sample(0), dict(sample(1), __key__="integers", jpg=integers),
+                            dict(sample(2), __key__="floats", jpg=floats), dict(sample(3), __key__="gif", jpg=gif)])
+    assert batch["__key__"] == ["k000"] and batch["image"].shape == (1, 3, SIZE, SIZE)
+    assert decoder.skipped == {"unsupported image mode": 2, "image format DALI does not decode": 1}
+
+
 def test_gpu_request_without_cuda_is_a_clear_error():
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")

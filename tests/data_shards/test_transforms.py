@@ -175,6 +175,25 @@ def test_decode_image_to_rgb_and_a_clear_error_on_garbage():
     assert str(error.value).endswith("); skip the sample or rebuild the shard from a good image")
 
 
+def test_sixteen_bit_grey_is_scaled_to_eight_bits_not_clipped():
+    """A mid-grey 16-bit PNG used to decode nearly white (Pillow's convert clips at 255)."""
+    values = np.linspace(0, 65535, 256).round().astype(np.uint16).reshape(16, 16)
+    image = decode_image(encode(values, "PNG"))
+    pixels = np.asarray(image)
+    assert image.mode == "RGB" and pixels.mean() == 127.5
+    np.testing.assert_array_equal(pixels, np.repeat(np.rint(values / 257)[..., None], 3, axis=2))
+
+
+def test_float_and_32_bit_images_are_refused_with_a_reason():
+    transform = PilTransform(TransformConfig(image_size=16))
+    floats = encode(np.full((4, 4), 0.5, np.float32), "TIFF")
+    with pytest.raises(ValueError) as error:
+        transform({"__key__": "9", "__url__": "x.tar", "png": floats})
+    assert error.value.reason == "unsupported image mode"
+    assert str(error.value).startswith("png of sample '9' from 'x.tar': image mode F (32-bit float) has no "
+                                       "8-bit range that Pillow and DALI agree on; convert the image")
+
+
 def scene_sample(key: str = "000001") -> dict:
     pixels = np.zeros((90, 120, 3), np.uint8)
     pixels[20:60, 10:50] = (255, 0, 0)
