@@ -14,7 +14,9 @@ by count and estimated bytes), so every shard is a fixed job: workers build shar
 bytes do not depend on ``--workers``, and a killed build re-run with the same arguments skips the
 shards whose ``.tar`` and ``.idx`` both exist (the ``.idx`` is written last) and recounts them.
 Bad records are rejected with a reason, never fatal; the exit status is 1 when the rejected fraction
-exceeds ``--max-reject-fraction``.
+exceeds ``--max-reject-fraction``. Image paths in the annotations are data: they are read only under
+``--image-root``, as s3/hdfs URLs only with ``--allow-image-scheme``, and never as ``pipe:`` commands
+(see :mod:`data_shards.image_refs`).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from data_shards.dali_index import (
     parse_index,
     split_name,
 )
+from data_shards.image_refs import ALLOWABLE_SCHEMES
 from data_shards.shard_samples import SampleOptions, SampleRejected, build_members, count_box_fixes, is_url
 
 MAX_REJECT_EXAMPLES = 20
@@ -108,7 +111,11 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
         "Annotation files + images -> WebDataset shards with DALI indexes, sizes.json and manifest.json."))
     parser.add_argument("--input", action="append", required=True, help="annotation file (repeatable)")
     parser.add_argument("--format", required=True, choices=FORMATS)
-    parser.add_argument("--image-root", required=True, help="folder the annotation's image paths start from")
+    parser.add_argument("--image-root", required=True,
+                        help="folder (or s3://, hdfs:// URL) the annotation's image paths start from; images "
+                             "outside it are not read")
+    parser.add_argument("--allow-image-scheme", action="append", default=[], choices=ALLOWABLE_SCHEMES,
+                        help="also read annotation image URLs of this scheme outside --image-root (repeatable)")
     parser.add_argument("--output", required=True, help="shard pattern, e.g. 'out/train-%%06d.tar' or s3://...")
     parser.add_argument("--samples-per-shard", type=int, required=True)
     parser.add_argument("--max-shard-bytes", type=int, default=None,
@@ -127,7 +134,10 @@ def check_arguments(args: argparse.Namespace) -> None:
     for path in args.input:
         if not os.path.isfile(path):
             raise BuildError(f"annotation file {path} not found; check --input")
-    if "://" not in args.image_root and not os.path.isdir(args.image_root):
+    root_scheme = _scheme_or_none(args.image_root)
+    if root_scheme not in ("local", *ALLOWABLE_SCHEMES) or args.image_root.startswith("file://"):
+        raise BuildError(f"--image-root {args.image_root!r}: use a local folder or an s3:// or hdfs:// URL")
+    if root_scheme == "local" and not os.path.isdir(args.image_root):
         raise BuildError(f"image folder {args.image_root} not found; check --image-root")
     if args.detections and not os.path.isfile(args.detections):
         raise BuildError(f"detections file {args.detections} not found; check --detections")
@@ -138,12 +148,21 @@ def check_arguments(args: argparse.Namespace) -> None:
     if first == second or not first.endswith(".tar"):
         raise BuildError(f"--output {args.output!r} needs one %d-style field for the shard number and a .tar "
                          "ending, e.g. 'out/train-%06d.tar'")
+    if _scheme_or_none(args.output) not in ("local", "s3"):
+        raise BuildError(f"--output {args.output!r}: shards are written to a local path or an s3:// URL")
     for name in ("samples_per_shard", "workers", "max_shard_bytes", "resize_max_side"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise BuildError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     if not 1 <= args.jpeg_quality <= 100:
         raise BuildError(f"--jpeg-quality must be within 1..100, got {args.jpeg_quality}")
+
+
+def _scheme_or_none(url: str) -> str | None:
+    try:
+        return storage.scheme(url)
+    except ValueError:
+        return None
 
 
 def collect_records(args: argparse.Namespace) -> tuple[list[PlannedSample], list[Tally]]:
@@ -153,10 +172,11 @@ def collect_records(args: argparse.Namespace) -> tuple[list[PlannedSample], list
     position = 0
     for input_index, path in enumerate(args.input):
         try:
-            for item in iter_records(args.format, path, args.image_root, detections=args.detections):
+            for item in iter_records(args.format, path, args.image_root, detections=args.detections,
+                                     allowed_schemes=tuple(args.allow_image_scheme)):
                 tallies[input_index].records += 1
                 if isinstance(item, Reject):
-                    tallies[input_index].reject(item.origin, item.reason)
+                    tallies[input_index].reject(item.origin, item.reason, item.detail)
                 else:
                     samples.append(PlannedSample(f"{position:09d}", input_index, item))
                 position += 1

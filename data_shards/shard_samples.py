@@ -20,6 +20,7 @@ from PIL import Image, UnidentifiedImageError
 
 from data_shards import storage
 from data_shards.adapters import SourceRecord
+from data_shards.image_refs import REFUSED_REASON
 
 # Source formats whose bytes are stored unchanged when no resize is needed (MPO is a camera JPEG).
 KEPT_FORMATS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp"}
@@ -64,7 +65,9 @@ def read_image_bytes(path: str) -> bytes:
     """Image bytes from a local path (adapters resolve them against --image-root) or a URL."""
     if is_url(path):
         try:
-            return storage.read_bytes(path)
+            return storage.read_data_bytes(path)  # the path came from data: never a pipe: command
+        except ValueError as error:
+            raise SampleRejected(REFUSED_REASON, str(error)) from error
         except OSError as error:
             raise SampleRejected("unreadable image", str(error)) from error
     try:
@@ -185,11 +188,11 @@ def count_box_fixes(record: SourceRecord, options: SampleOptions) -> tuple[int, 
     """Clip/drop counts of a sample already in a shard, from the image header alone (no decode)."""
     try:
         path = record.image_paths[0]
-        source = storage.open_read(path) if is_url(path) else open(path, "rb")  # noqa: SIM115
+        source = storage.open_data_read(path) if is_url(path) else open(path, "rb")  # noqa: SIM115
         with source, Image.open(source) as image:
             original = image.size
         size = stored_size(*original, options.resize_max_side)
         _, clipped, dropped = convert_boxes(record.meta, original, size)
-    except (OSError, SampleRejected, IndexError):
+    except (OSError, ValueError, SampleRejected, IndexError):
         return 0, 0  # the sample was valid when written; its images changed since, so nothing to recount
     return clipped, dropped

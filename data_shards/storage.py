@@ -10,7 +10,9 @@ Every other module reaches storage through these functions, so a new scheme is a
 
 S3 uses boto3 with its standard configuration (``AWS_ENDPOINT_URL`` selects an S3-compatible store).
 HDFS goes through a configurable client command (``hdfs dfs -cat`` by default) whose stdout is streamed;
-``pipe:COMMAND`` runs a shell command taken from configuration, never from data.
+``pipe:COMMAND`` runs a shell command taken from configuration, never from data: a location that came
+from data (an annotation's image path) is opened with ``open_data_read``/``read_data_bytes``, which refuse
+``pipe:``.
 """
 
 from __future__ import annotations
@@ -49,6 +51,11 @@ def expand_urls(spec: str | Sequence[str]) -> list[str]:
             if piece:
                 urls.extend(braceexpand.braceexpand(piece))
     return urls
+
+
+def scheme(url: str) -> str:
+    """``local`` (paths and ``file://``), ``s3``, ``hdfs`` or ``pipe``; any other scheme is a ValueError."""
+    return _scheme(url)
 
 
 def _scheme(url: str) -> str:
@@ -196,6 +203,19 @@ def open_read(url: str, *, retries: int = 3, backoff: float = 0.5,
 
 def read_bytes(url: str, **open_options) -> bytes:
     with open_read(url, **open_options) as stream:
+        return stream.read()
+
+
+def open_data_read(url: str, **open_options) -> BinaryIO:
+    """``open_read`` for a location taken from data: a ``pipe:`` command is refused (ValueError), not run."""
+    if _scheme(url) == "pipe":
+        raise ValueError(f"refusing to open {url!r}: it comes from data, and pipe: commands come only from "
+                         "configuration")
+    return open_read(url, **open_options)
+
+
+def read_data_bytes(url: str, **open_options) -> bytes:
+    with open_data_read(url, **open_options) as stream:
         return stream.read()
 
 

@@ -1,0 +1,206 @@
+"""The standing bad-input matrix of the data side: each case, the exact outcome, and nothing good lost.
+
+Every case runs the real code on a tiny input made here: the builder through ``python -m data_shards
+build``'s ``main``, the reader, or the source checks the training entry points run first. A builder case
+pins the manifest's reject reason with its detail (or the error message's key words) and that every
+good record of the same input was written. Run: ``.venv/bin/python -m pytest -q
+tests/data_shards/test_bad_input.py`` (S3 cases use the moto server of tests/conftest.py).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from data_shards import storage
+from data_shards.__main__ import main as data_shards_main
+from data_shards.shard_samples import SampleRejected, read_image_bytes
+from tests.data_shards.test_build import samples_of, write_json
+
+REFUSED = "image reference not allowed"
+
+
+def jpeg(path: Path, size=(40, 30)) -> Path:
+    Image.new("RGB", size, (120, 40, 200)).save(path, "JPEG")
+    return path
+
+
+@pytest.fixture
+def images(tmp_path) -> Path:
+    """An image root with good.jpg and sub/good2.jpg, and a readable JPEG just outside it."""
+    root = tmp_path / "images"
+    (root / "sub").mkdir(parents=True)
+    jpeg(root / "good.jpg")
+    jpeg(root / "sub" / "good2.jpg")
+    jpeg(tmp_path / "outside.jpg")
+    return root
+
+
+def build(capsys, tmp_path: Path, fmt: str, records, *options: str, image_root: str | None = None,
+          name: str = "input.json", output: str = "out") -> tuple[int, str, dict | None]:
+    """Run the builder on records (a list, or raw bytes for the file) into tmp_path/output;
+    (status, stderr, manifest or None)."""
+    annotations = tmp_path / name
+    if isinstance(records, bytes):
+        annotations.write_bytes(records)
+    elif name.endswith(".jsonl"):
+        annotations.write_text("".join(json.dumps(record) + "\n" for record in records))
+    else:
+        annotations.write_text(json.dumps(records))
+    out = tmp_path / output
+    status = data_shards_main(["build", "--input", str(annotations), "--format", fmt, "--image-root",
+                               image_root or str(tmp_path / "images"), "--output", f"{out}/s-%06d.tar",
+                               "--samples-per-shard", "50", "--max-reject-fraction", "1", *options])
+    manifest_path = out / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else None
+    return status, capsys.readouterr().err, manifest
+
+
+def written_origins(out: Path) -> list[str]:
+    return [json.loads(members["json"])["origin"] for shard in sorted(out.glob("*.tar"))
+            for members in samples_of(shard).values()]
+
+
+def examples(manifest: dict) -> list[tuple[str, str, str]]:
+    return [(item["origin"], item["reason"], item["detail"]) for item in manifest["inputs"][0]["reject_examples"]]
+
+
+def unused_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+# -- image references from annotation data ------------------------------------------------------------------
+
+
+def record_for(fmt: str, field: str, value: str, good: str) -> dict:
+    """A record of ``fmt`` whose image ``field`` holds ``value`` (its other image, if any, is ``good``)."""
+    records = {
+        "albef": {"image": value, "caption": "c"},
+        "coco": {"image": value, "caption": "c"},
+        "caption": {"image": value, "caption": "c"},
+        "vicha": {"image": value, "caption": "c", "kwords": ["red"]},
+        "xvlm": {field: value, "caption": "c", "elems": [{"caption": "r", "bb": [1, 1, 4, 4]}]},
+        "pevl": {field: value, "caption": "red", "tokens_positive": [[0, 3]], "bbox_list": [[1, 1, 4, 4]]},
+        "vqa": {"question_id": 1, "question": "q?", "answer": ["a"], "image": value},
+        "nlvr2": {"images": [good, value] if field == "images[1]" else [value, good], "sentence": "s",
+                  "label": "True"},
+        "ve": {"image": value, "sentence": "s", "label": "neutral"},
+        "refcoco": {"image": value, "text": "t", "ref_id": 1, "bbox": [1, 1, 4, 4]},
+    }
+    return records[fmt]
+
+
+IMAGE_FIELDS = [("albef", "image"), ("coco", "image"), ("caption", "image"), ("vicha", "image"),
+                ("xvlm", "image"), ("xvlm", "image_rpath"), ("pevl", "image"), ("pevl", "file_name"),
+                ("vqa", "image"), ("nlvr2", "images[0]"), ("nlvr2", "images[1]"), ("ve", "image"),
+                ("refcoco", "image")]
+
+
+@pytest.mark.parametrize(("fmt", "field"), IMAGE_FIELDS, ids=[f"{f}-{g}" for f, g in IMAGE_FIELDS])
+def test_pipe_command_in_any_image_field_is_refused_and_never_run(tmp_path, capsys, images, fmt, field):
+    marker = tmp_path / "command-ran"
+    value = f"pipe:touch {marker}; cat {images}/good.jpg #://"
+    options = []
+    if fmt == "refcoco":  # the detections file is keyed by the same data string
+        options = ["--detections", write_json(tmp_path / "dets.json", {value: [[0, 0, 2, 2]]})]
+    records = [record_for(fmt, field, "good.jpg", "good.jpg"), record_for(fmt, field, value, "good.jpg")]
+    status, _, manifest = build(capsys, tmp_path, fmt, records, *options)
+    assert status == 0 and not marker.exists()
+    assert manifest["rejects"] == {REFUSED: 1}
+    (origin, reason, detail), = examples(manifest)
+    shown = value + ".jpg" if fmt == "ve" else value  # ve adds the extension Flickr ids lack
+    assert (origin, reason) == ("input.json#1", REFUSED)
+    assert detail == f"{shown!r}: pipe: commands come only from configuration, never from data"
+    assert written_origins(tmp_path / "out") == ["input.json#0"]
+
+
+REFERENCES = [  # (image string, where {root} is the image root and {outside} a JPEG beside it; detail or None)
+    ("absolute-outside", "{outside}", "'{outside}' lies outside --image-root {root}"),
+    ("dotdot-outside", "../outside.jpg", "'../outside.jpg' leads outside --image-root {root}"),
+    ("dotdot-deep-outside", "sub/../../outside.jpg", "'sub/../../outside.jpg' leads outside --image-root {root}"),
+    ("file-url-outside", "file://{outside}", "'{outside}' lies outside --image-root {root}"),
+    ("http", "http://example.invalid/a.jpg", "'http://example.invalid/a.jpg': 'http:' is not a readable image "
+     "location; give a path under --image-root or an s3:// or hdfs:// URL"),
+    ("scheme-like-name", "gs:x.jpg", "'gs:x.jpg': 'gs:' is not a readable image location; give a path under "
+     "--image-root or an s3:// or hdfs:// URL"),
+    ("s3-without-opt-in", "s3://bucket/a.jpg", "'s3://bucket/a.jpg': s3:// images outside --image-root are read "
+     "only with --allow-image-scheme s3"),
+    ("hdfs-without-opt-in", "hdfs://nn/a.jpg", "'hdfs://nn/a.jpg': hdfs:// images outside --image-root are read "
+     "only with --allow-image-scheme hdfs"),
+    ("nul-byte", "good.jpg\x00.png", "'good.jpg\\x00.png' contains a control character"),
+    ("absolute-inside", "{root}/sub/good2.jpg", None),
+    ("dotdot-inside", "sub/../good.jpg", None),
+    ("file-url-inside", "file://{root}/good.jpg", None),
+]
+
+
+@pytest.mark.parametrize(("image", "detail"), [case[1:] for case in REFERENCES], ids=[c[0] for c in REFERENCES])
+def test_image_references_stay_under_the_root(tmp_path, capsys, images, image, detail):
+    values = {"root": str(images), "outside": str(tmp_path / "outside.jpg")}
+    records = [{"image": "good.jpg", "caption": "kept"}, {"image": image.format(**values), "caption": "probe"}]
+    status, _, manifest = build(capsys, tmp_path, "albef", records)
+    assert status == 0
+    if detail is None:
+        assert manifest["rejects"] == {} and written_origins(tmp_path / "out") == ["input.json#0", "input.json#1"]
+    else:
+        assert examples(manifest) == [("input.json#1", REFUSED, detail.format(**values))]
+        assert written_origins(tmp_path / "out") == ["input.json#0"]
+
+
+def test_s3_images_need_the_opt_in_and_an_s3_image_root_keeps_working(tmp_path, capsys, images, s3_bucket):
+    data = (images / "good.jpg").read_bytes()
+    for key in ("root/a.jpg", "elsewhere/b.jpg"):
+        with storage.atomic_write(f"s3://{s3_bucket}/{key}") as sink:
+            sink.write(data)
+    records = [{"image": "good.jpg", "caption": "local"},
+               {"image": f"s3://{s3_bucket}/elsewhere/b.jpg", "caption": "s3"}]
+    status, _, manifest = build(capsys, tmp_path, "albef", records, "--allow-image-scheme", "s3")
+    assert (status, manifest["rejects"]) == (0, {})
+    assert written_origins(tmp_path / "out") == ["input.json#0", "input.json#1"]
+
+    remote = [{"image": "a.jpg", "caption": "under the root"}, {"image": "../elsewhere/b.jpg", "caption": "above"}]
+    status, _, manifest = build(capsys, tmp_path, "albef", remote, image_root=f"s3://{s3_bucket}/root",
+                                output="from-s3")
+    assert status == 0
+    assert examples(manifest) == [("input.json#1", REFUSED,
+                                   f"'../elsewhere/b.jpg' leads outside --image-root s3://{s3_bucket}/root")]
+    assert manifest["written"] == 1
+
+
+def test_a_pipe_url_reaching_the_image_reader_is_refused_there_too(tmp_path):
+    marker = tmp_path / "command-ran"
+    with pytest.raises(SampleRejected) as caught:
+        read_image_bytes(f"pipe:touch {marker} #://")
+    assert caught.value.reason == REFUSED and "pipe: commands come only from configuration" in caught.value.detail
+    with pytest.raises(ValueError, match="it comes from data, and pipe: commands come only from configuration"):
+        storage.read_data_bytes(f"pipe:touch {marker}")
+    assert not marker.exists()
+    assert storage.read_bytes(f"pipe:touch {marker}") == b""  # configured pipes still run
+    assert marker.exists()
+
+
+# -- builder arguments and output -----------------------------------------------------------------------------
+
+
+CONFIG_ERRORS = [  # (option, value; the whole error line, {tmp} the test folder)
+    ("--image-root", "pipe:cat images.tar",
+     "error: --image-root 'pipe:cat images.tar': use a local folder or an s3:// or hdfs:// URL"),
+    ("--output", "pipe:cat > {tmp}/s-%06d.tar",
+     "error: --output 'pipe:cat > {tmp}/s-%06d.tar': shards are written to a local path or an s3:// URL"),
+]
+
+
+@pytest.mark.parametrize(("option", "value", "line"), CONFIG_ERRORS, ids=["pipe-image-root", "pipe-output"])
+def test_pipe_is_no_image_root_or_output(tmp_path, capsys, images, option, value, line):
+    annotations = write_json(tmp_path / "input.json", [{"image": "good.jpg", "caption": "c"}])
+    arguments = {"--image-root": str(images), "--output": f"{tmp_path}/out/s-%06d.tar"}
+    arguments[option] = value.format(tmp=tmp_path)
+    status = data_shards_main(["build", "--input", annotations, "--format", "albef", "--samples-per-shard", "5",
+                               *[item for pair in arguments.items() for item in pair]])
+    assert (status, capsys.readouterr().err) == (2, line.format(tmp=tmp_path) + "\n")
