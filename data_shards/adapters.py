@@ -26,6 +26,9 @@ ve       {image (".jpg" added when it has no extension), sentence,
                                                                 sentence, label
 refcoco  {image, text, ref_id, bbox: xywh} + detections file {image: [xywh, ...]}
                                                                 ref_id, text, box, proposals (xyxy)
+
+A ``.jsonl`` line that is not UTF-8 JSON is one rejected record (``invalid JSON line``, its detail naming
+the line number); the lines after it still count.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from data_shards.image_refs import REFUSED_REASON, ImageReferenceRefused, ImageR
 FORMATS: tuple[str, ...] = (
     "albef", "xvlm", "pevl", "vicha", "coco", "vqa", "nlvr2", "ve", "refcoco", "caption")
 VE_LABELS = ("entailment", "neutral", "contradiction")
+BAD_LINE_REASON = "invalid JSON line"
 
 
 @dataclass(frozen=True)
@@ -243,9 +247,9 @@ PARSERS: dict[str, Callable[[dict, int, str], tuple[list[str], str, dict]]] = {
 }
 
 
-def _open_text(path: str, what: str):
+def _open_text(path: str, what: str, *, binary: bool = False):
     try:
-        return open(path, encoding="utf-8")
+        return open(path, "rb") if binary else open(path, encoding="utf-8")
     except FileNotFoundError:
         raise AnnotationFileError(f"{what} file {path} not found; check the path") from None
     except OSError as error:
@@ -261,15 +265,33 @@ def _load_json(path: str, what: str) -> object:
                                       "pass a JSON list of records or a .jsonl file") from None
 
 
+@dataclass(frozen=True)
+class _BadLine:
+    """A line of a .jsonl file that is not UTF-8 JSON; it stands in the record stream as one rejected record."""
+
+    detail: str
+
+
 def _json_lines(path: str) -> Iterator[object]:
-    with _open_text(path, "annotation") as handle:
-        for number, line in enumerate(handle, start=1):
-            if line.strip():
-                try:
-                    yield json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise AnnotationFileError(f"annotation file {path} line {number} is not valid JSON "
-                                              f"({error.msg}); fix or remove that line") from None
+    """The records of a .jsonl file; a broken line becomes a ``_BadLine`` so the lines after it still count."""
+    # Bytes, decoded line by line: one line that is not UTF-8 must not end the file.
+    with _open_text(path, "annotation", binary=True) as handle:
+        for number, raw in enumerate(handle, start=1):
+            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]  # a byte order mark some editors write
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                yield _BadLine(f"line {number}: not UTF-8 (byte 0x{raw[error.start]:02x} at column "
+                               f"{error.start + 1})")
+                continue
+            if not line.strip():
+                continue
+            try:
+                # Without its line break, so an error at the line's end is reported on this line.
+                yield json.loads(line.rstrip("\r\n"))
+            except json.JSONDecodeError as error:
+                yield _BadLine(f"line {number}: {error.msg} at column {error.colno}")
 
 
 def load_detections(path: str) -> dict[str, list[list[float]]]:
@@ -321,6 +343,8 @@ def _records(fmt: str, path: str, references: ImageReferences, records: Iterator
     for index, record in enumerate(records):
         origin = f"{name}#{index}"
         try:
+            if isinstance(record, _BadLine):
+                raise _RecordProblem(BAD_LINE_REASON, record.detail)
             if not isinstance(record, dict):
                 raise _malformed("not a JSON object")
             images, text, meta = PARSERS[fmt](record, index, fmt)

@@ -185,6 +185,20 @@ def test_a_pipe_url_reaching_the_image_reader_is_refused_there_too(tmp_path):
     assert marker.exists()
 
 
+# -- annotation files and records -----------------------------------------------------------------------------
+
+
+def test_jsonl_bad_lines_are_counted_with_their_line_numbers(tmp_path, capsys, images):
+    lines = [b'{"image": "good.jpg", "caption": "one"}', b'{"image": "good.jpg", "caption": ', b"",
+             b'{"image": "good.jpg", "caption": "caf\xe9 latin-1"}', b'{"image": "sub/good2.jpg", "caption": "two"}']
+    status, _, manifest = build(capsys, tmp_path, "albef", b"\n".join(lines) + b"\n", name="input.jsonl")
+    assert status == 0
+    assert examples(manifest) == [
+        ("input.jsonl#1", "invalid JSON line", "line 2: Expecting value at column 34"),
+        ("input.jsonl#2", "invalid JSON line", "line 4: not UTF-8 (byte 0xe9 at column 38)")]
+    assert written_origins(tmp_path / "out") == ["input.jsonl#0", "input.jsonl#3"]
+
+
 # -- builder arguments and output -----------------------------------------------------------------------------
 
 
