@@ -35,10 +35,15 @@ S3_MINIMUM_PART_BYTES = 5 * 1024 * 1024
 DEFAULT_PART_BYTES = 8 * 1024 * 1024
 READ_BUFFER_BYTES = 1024 * 1024
 PARTIAL_SUFFIX = ".partial"
+_S3_NOT_FOUND_CODES = ("404", "NoSuchKey", "NotFound", "NoSuchBucket")
 
 
 class SourceUnreachable(OSError):
     """A URL could not be opened after every retry; the message names the URL and the last error."""
+
+
+class SourceNotFound(SourceUnreachable):
+    """The URL names nothing (no such file, S3 key or bucket): every retry ended in "not found"."""
 
 
 def expand_urls(spec: str | Sequence[str]) -> list[str]:
@@ -198,7 +203,15 @@ def open_read(url: str, *, retries: int = 3, backoff: float = 0.5,
             return _open_once(url, hdfs_command, client)
         except Exception as error:  # every failure is retried, then reported with the URL
             last_error = error
-    raise SourceUnreachable(f"could not open {url} after {attempts} attempts: {last_error}") from last_error
+    kind = SourceNotFound if _is_not_found(last_error) else SourceUnreachable
+    raise kind(f"could not open {url} after {attempts} attempts: {last_error}") from last_error
+
+
+def _is_not_found(error: BaseException | None) -> bool:
+    if isinstance(error, FileNotFoundError):
+        return True
+    response = getattr(error, "response", None)  # botocore's ClientError
+    return isinstance(response, dict) and response.get("Error", {}).get("Code") in _S3_NOT_FOUND_CODES
 
 
 def read_bytes(url: str, **open_options) -> bytes:
@@ -226,7 +239,7 @@ def _s3_head(url: str) -> dict | None:
     try:
         return s3_client().head_object(Bucket=bucket, Key=key)
     except ClientError as error:
-        if error.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+        if error.response.get("Error", {}).get("Code") in _S3_NOT_FOUND_CODES:
             return None
         raise
 

@@ -38,6 +38,7 @@ SKIP_BAD_TEXT = "undecodable txt"
 SKIP_BAD_JSON = "undecodable json"
 SKIP_DUPLICATE = "duplicate member in sample"
 SKIP_UNDECODABLE_IMAGE = "undecodable image"
+SKIP_VANISHED_SHARD = "shard not found (vanished)"  # resampled mode: counted once per shard, then never drawn
 
 BLOCK_SIZE = 512
 _ZERO_BLOCK = bytes(BLOCK_SIZE)

@@ -10,7 +10,9 @@ tests/data_shards/test_bad_input.py`` (S3 cases use the moto server of tests/con
 from __future__ import annotations
 
 import json
+import os
 import socket
+import warnings
 from pathlib import Path
 
 import pytest
@@ -18,7 +20,10 @@ from PIL import Image
 
 from data_shards import storage
 from data_shards.__main__ import main as data_shards_main
+from data_shards.reader import ShardReader, Source
 from data_shards.shard_samples import SampleRejected, read_image_bytes
+from data_shards.tar_samples import SKIP_VANISHED_SHARD
+from tests.data_shards.shard_factory import write_dataset
 from tests.data_shards.test_build import samples_of, write_json
 
 REFUSED = "image reference not allowed"
@@ -218,3 +223,47 @@ def test_pipe_is_no_image_root_or_output(tmp_path, capsys, images, option, value
     status = data_shards_main(["build", "--input", annotations, "--format", "albef", "--samples-per-shard", "5",
                                *[item for pair in arguments.items() for item in pair]])
     assert (status, capsys.readouterr().err) == (2, line.format(tmp=tmp_path) + "\n")
+
+
+# -- reading shards -------------------------------------------------------------------------------------------
+
+
+def test_exact_mode_fails_on_a_missing_shard_naming_it(tmp_path):
+    write_dataset(tmp_path, num_shards=1, per_shard=2)
+    missing = str(tmp_path / "train-000001.tar")
+    reader = ShardReader(f"{tmp_path}/train-{{000000..000001}}.tar", shard_shuffle=False, retries=1)
+    with pytest.raises(storage.SourceNotFound, match=f"^could not open {missing} after 1 attempts"):
+        list(reader)
+
+
+def test_resampled_mode_skips_a_vanished_shard_once_and_stops_when_none_is_left(tmp_path):
+    write_dataset(tmp_path / "a", num_shards=3, per_shard=2, prefix="a")
+    write_dataset(tmp_path / "b", num_shards=1, per_shard=2, prefix="b")
+    sources = [Source(f"{tmp_path}/a/a-{{000000..000002}}.tar"), Source(f"{tmp_path}/b/b-000000.tar")]
+    reader = ShardReader(sources, mode="resampled", seed=0, retries=1)
+    stream = iter(reader)
+    next(stream)
+    reading = reader.snapshot()["shard"]
+    vanished = next(path for path in sorted(tmp_path.glob("a/*.tar")) if str(path) != reading)
+    vanished.unlink()  # deleted while the run goes on
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        shards = {os.path.basename(next(stream)["__url__"]) for _ in range(200)}
+    left = {"a-000000.tar", "a-000001.tar", "a-000002.tar", "b-000000.tar"} - {vanished.name}
+    assert shards == left  # both sources' other shards keep coming
+    assert reader.skipped == {SKIP_VANISHED_SHARD: 1}
+    assert [str(warning.message) for warning in caught] == [
+        f"shard {vanished} was not found (deleted or moved during the run?); resampled reading skips it from now on"]
+    state = reader.state_dict()
+    assert state["slots"][0]["vanished"] == [str(vanished)]  # a resumed run does not look for it again
+
+    resumed = ShardReader(sources, mode="resampled", seed=0, retries=1)
+    resumed.load_state_dict(state)
+    for path in [*tmp_path.glob("a/*.tar"), *tmp_path.glob("b/*.tar")]:
+        path.unlink()
+    with pytest.warns(RuntimeWarning), pytest.raises(storage.SourceNotFound) as error:
+        list(resumed)
+    assert str(error.value) == (
+        f"no shard of '{sources[0].urls}', '{sources[1].urls}' can be read any more: all 4 were not found (deleted "
+        "or moved since the run started); restore them or point data.train at shards that exist")
+    assert resumed.skipped[SKIP_VANISHED_SHARD] == 4
