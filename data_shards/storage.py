@@ -285,14 +285,25 @@ def list_dir(url_prefix: str) -> list[str]:
     return sorted(entries)
 
 
+def _no_folder(url: str, what: str) -> ValueError:
+    return ValueError(f"cannot {what} {url!r}: a pipe: command has no folder; name the file itself instead")
+
+
 def join(url_dir: str, name: str) -> str:
-    if _scheme(url_dir) == "local" and not url_dir.startswith("file://"):
+    scheme = _scheme(url_dir)
+    if scheme == "pipe":  # appending to a command would run a command nobody wrote
+        raise _no_folder(url_dir, f"put {name!r} inside")
+    if scheme == "local" and not url_dir.startswith("file://"):
         return os.path.join(url_dir, name)
     return url_dir.rstrip("/") + "/" + name
 
 
 def parent(url: str) -> str:
+    """The folder of a file URL. A ``pipe:`` command has none (nor does ``join`` put a name inside one):
+    deriving, say, a ``sizes.json`` beside it would run a command nobody configured."""
     scheme = _scheme(url)
+    if scheme == "pipe":
+        raise _no_folder(url, "take the folder of")
     if scheme == "local" and not url.startswith("file://"):
         return os.path.dirname(url) or "."
     if scheme == "s3":

@@ -9,6 +9,7 @@ tests/data_shards/test_bad_input.py`` (S3 cases use the moto server of tests/con
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import socket
@@ -22,6 +23,7 @@ from data_shards import storage
 from data_shards.__main__ import main as data_shards_main
 from data_shards.reader import ShardReader, Source
 from data_shards.shard_samples import SampleRejected, read_image_bytes
+from data_shards.sizes import NoShards, SizesUnknown, check_sources, samples_in
 from data_shards.tar_samples import SKIP_VANISHED_SHARD
 from tests.data_shards.shard_factory import write_dataset
 from tests.data_shards.test_build import samples_of, write_json
@@ -267,3 +269,86 @@ def test_resampled_mode_skips_a_vanished_shard_once_and_stops_when_none_is_left(
         f"no shard of '{sources[0].urls}', '{sources[1].urls}' can be read any more: all 4 were not found (deleted "
         "or moved since the run started); restore them or point data.train at shards that exist")
     assert resumed.skipped[SKIP_VANISHED_SHARD] == 4
+
+
+# -- what the training entry points check before they start ---------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["exact", "resampled"])
+def test_a_pattern_that_matches_nothing_is_named_up_front(tmp_path, mode):
+    pattern = f"{tmp_path}/x-{{000000..000009}}.tar"
+    with pytest.raises(NoShards) as caught:
+        check_sources([pattern], mode=mode)
+    assert str(caught.value) == (f"shard pattern {pattern!r} matches no file (10 name(s) tried, e.g. "
+                                 f"{tmp_path}/x-000000.tar); check the folder, the name and the brace range")
+    write_dataset(tmp_path / "real", num_shards=2, per_shard=1)
+    typo = f"{tmp_path}/rael/train-{{000000..000001}}.tar"
+    with pytest.raises(NoShards, match="matches no file"):
+        check_sources([f"{tmp_path}/real/train-{{000000..000001}}.tar::{typo}"], mode=mode)
+
+
+def test_some_missing_shards_fail_exact_mode_and_warn_in_resampled(tmp_path):
+    write_dataset(tmp_path, num_shards=2, per_shard=1)
+    pattern = f"{tmp_path}/train-{{000000..000003}}.tar"
+    with pytest.raises(NoShards, match=r"2 of 4 shards of .* do not exist \(first: .*train-000002.tar\); exact mode"):
+        check_sources(pattern, mode="exact")
+    with pytest.warns(RuntimeWarning, match="resampled reading skips them"):
+        check_sources(pattern, mode="resampled")
+
+
+def test_an_s3_prefix_without_objects_is_named_up_front(s3_bucket):
+    pattern = f"s3://{s3_bucket}/nothing/x-{{000000..000003}}.tar"
+    with pytest.raises(NoShards, match=r"matches no object \(4 name\(s\) tried"):
+        check_sources(pattern, mode="resampled")
+    with storage.atomic_write(f"s3://{s3_bucket}/nothing/x-000002.tar") as sink:
+        sink.write(b"")
+    with pytest.warns(RuntimeWarning, match=r"3 of 4 shards of .* do not exist \(first: .*x-000000.tar\)"):
+        check_sources(pattern, mode="resampled")  # the first is missing, a later one is there
+    with pytest.raises(NoShards, match=f"bucket '{s3_bucket}-absent' does not exist"):
+        check_sources(f"s3://{s3_bucket}-absent/x.tar")
+
+
+def test_a_configured_pipe_runs_as_written_and_its_count_must_be_configured(tmp_path):
+    write_dataset(tmp_path, num_shards=1, per_shard=2)
+    (tmp_path / "sizes.json").write_text(json.dumps({"train-000000.tar": 2}))
+    log = tmp_path / "commands"
+    url = f"pipe:echo ran >> {log}; cat {tmp_path}/train-000000.tar"
+    with pytest.raises(SizesUnknown) as caught:
+        samples_in(url)
+    assert str(caught.value) == (f"{url!r} is a pipe: command, which is run exactly as configured and has no "
+                                 "folder to hold a sizes.json; set data.samples_per_epoch")
+    assert not log.exists()  # no '; cat .../sizes.json' was appended and run
+    check_sources(url)  # a command cannot be checked without running it
+    assert [sample["__key__"] for sample in ShardReader(url)] == ["s000k0000", "s000k0001"]
+    assert log.read_text() == "ran\n"
+    with pytest.raises(ValueError, match="a pipe: command has no folder"):
+        storage.parent(url)
+    with pytest.raises(ValueError, match="a pipe: command has no folder"):
+        storage.join(f"pipe:cat {tmp_path}", "sizes.json")
+
+
+SIZES_ERRORS = [  # (sizes.json content, the message after its path)
+    ("[3]", " does not hold {shard name: sample count}; rebuild the shards or set data.samples_per_epoch"),
+    ('{"train-000000.tar": "2"}', ": the entry for train-000000.tar is '2', not a sample count; rebuild the shards "
+     "or set data.samples_per_epoch"),
+    ('{"other.tar": 2}', " has no entry for train-000000.tar; set data.samples_per_epoch"),
+]
+
+
+@pytest.mark.parametrize(("content", "message"), SIZES_ERRORS, ids=["not-a-mapping", "not-a-count", "no-entry"])
+def test_a_bad_sizes_json_is_named(tmp_path, content, message):
+    write_dataset(tmp_path, num_shards=1, per_shard=2)
+    (tmp_path / "sizes.json").write_text(content)
+    with pytest.raises(SizesUnknown) as caught:
+        samples_in(f"{tmp_path}/train-000000.tar")
+    assert str(caught.value) == f"{tmp_path}/sizes.json{message}"
+
+
+def test_the_loader_reads_what_the_checks_let_through(tmp_path):
+    """The good path of the same inputs: a real pattern passes the checks, counts and reads in full."""
+    write_dataset(tmp_path, num_shards=2, per_shard=3)
+    (tmp_path / "sizes.json").write_text(json.dumps({"train-000000.tar": 3, "train-000001.tar": 3}))
+    pattern = f"{tmp_path}/train-{{000000..000001}}.tar"
+    check_sources(pattern)
+    assert samples_in(pattern) == 6 == len(list(ShardReader(pattern)))
+    assert io.BytesIO(next(iter(ShardReader(pattern)))["jpg"]).read(2) == b"\xff\xd8"
