@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import multiprocessing
 import os
 import queue
 import random
 import sys
+import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -245,7 +247,11 @@ def _write_shard(job: ShardJob, index_url: str, progress) -> ShardResult:
 
 def _recount_shard(job: ShardJob, index_url: str, progress) -> ShardResult:
     """Counts for a shard an earlier run finished: written keys from its index, reasons recomputed."""
-    indexed = parse_index(storage.read_bytes(index_url).decode())
+    try:
+        indexed = parse_index(storage.read_bytes(index_url).decode())
+    except ValueError as error:  # not UTF-8 or not v1.2: not an index of ours: never guess what the tar holds
+        raise BuildError(f"{index_url} is not a DALI index this builder wrote ({error}); remove it or choose "
+                         "another --output") from None
     written_keys = {split_name(sample[0].name)[0] for sample in indexed}
     planned = {sample.key for sample in job.samples}
     foreign = sorted(written_keys - planned)
@@ -370,8 +376,43 @@ def merged_sizes(folder: str, results: list[ShardResult]) -> dict:
     if storage.exists(sizes_url):
         with contextlib.suppress(ValueError):
             sizes = json.loads(storage.read_bytes(sizes_url))
+    if not isinstance(sizes, dict):  # unreadable as {name: count}: rewritten from this build, as broken JSON is
+        sizes = {}
     sizes.update({result.name: result.written for result in results})
     return dict(sorted(sizes.items()))
+
+
+def check_writable(folder: str) -> None:
+    """Fail before any work when a local output folder cannot take files (S3 answers on the first write)."""
+    if storage.scheme(folder) != "local":
+        return
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        message = _not_writable(error, folder)
+        if message is None:
+            raise
+        raise BuildError(message) from None
+
+
+_NOT_WRITABLE = {errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+                 errno.EROFS: "read-only file system"}
+
+
+def _not_writable(error: BaseException, folder: str) -> str | None:
+    """The plain message for a write the user must redirect (a re-run would fail the same way), else None."""
+    reason = _NOT_WRITABLE.get(getattr(error, "errno", None))
+    response = getattr(error, "response", None)  # botocore's ClientError
+    code = response.get("Error", {}).get("Code") if isinstance(response, dict) else None
+    if code in ("AccessDenied", "AllAccessDisabled"):
+        reason = "access denied"
+    elif code == "NoSuchBucket":
+        reason = "no such bucket"
+    if reason is None:
+        return None
+    return f"cannot write to {folder}: {reason}; choose a writable --output"
 
 
 def build(args: argparse.Namespace) -> int:
@@ -380,6 +421,7 @@ def build(args: argparse.Namespace) -> int:
     samples, input_tallies = collect_records(args)
     if not any(tally.records for tally in input_tallies):
         raise BuildError(f"no records in {', '.join(args.input)} for format {args.format}; check --format")
+    check_writable(storage.parent(args.output % 0))
     options = SampleOptions(resize_max_side=args.resize_max_side, jpeg_quality=args.jpeg_quality,
                             source=args.format)
     groups = plan_shards(samples, args)
@@ -415,7 +457,27 @@ def main(argv: list[str]) -> int:
     except BuildError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except OSError as error:
+    except Exception as error:
+        # Output failures: a write the user must redirect gets that said plainly; only a transient one
+        # (network, a full disk since freed) is helped by resuming.
+        if not isinstance(error, OSError) and not _is_storage_client_error(error):
+            raise
+        message = _not_writable(error, _output_folder(args.output))
+        if message is not None:
+            print(f"error: {message}", file=sys.stderr)
+            return 2
         print(f"error: {error}; re-run the same command to resume (finished shards are kept)",
               file=sys.stderr)
         return 1
+
+
+def _output_folder(output: str) -> str:
+    try:
+        return storage.parent(output % 0)
+    except (TypeError, ValueError):
+        return output
+
+
+def _is_storage_client_error(error: BaseException) -> bool:
+    """botocore's errors (S3 refusals, unreachable endpoints), recognised without importing boto3 first."""
+    return type(error).__module__.startswith("botocore.")

@@ -227,6 +227,49 @@ def test_pipe_is_no_image_root_or_output(tmp_path, capsys, images, option, value
     assert (status, capsys.readouterr().err) == (2, line.format(tmp=tmp_path) + "\n")
 
 
+def test_an_unwritable_output_says_so_without_the_resume_hint(tmp_path, capsys, images):
+    folder = "/sys/vlp-deepspeed-bad-input"  # refused even to root (sysfs)
+    if not os.path.isdir("/sys") or os.path.exists(folder):
+        pytest.skip("needs Linux sysfs to stand for a location nobody may write")
+    annotations = write_json(tmp_path / "input.json", [{"image": "good.jpg", "caption": "c"}])
+    status = data_shards_main(["build", "--input", annotations, "--format", "albef", "--image-root", str(images),
+                               "--output", f"{folder}/s-%06d.tar", "--samples-per-shard", "5"])
+    errors = capsys.readouterr().err
+    assert status == 2
+    assert errors in (f"error: cannot write to {folder}: permission denied; choose a writable --output\n",
+                      f"error: cannot write to {folder}: read-only file system; choose a writable --output\n")
+
+
+def test_output_to_a_missing_bucket_is_named_and_an_unreachable_store_keeps_the_resume_hint(
+        tmp_path, capsys, images, s3_bucket, monkeypatch):
+    annotations = write_json(tmp_path / "input.json", [{"image": "good.jpg", "caption": "c"}])
+    common = ["build", "--input", annotations, "--format", "albef", "--image-root", str(images),
+              "--samples-per-shard", "5"]
+    status = data_shards_main([*common, "--output", f"s3://{s3_bucket}-absent/out/s-%06d.tar"])
+    assert (status, capsys.readouterr().err) == (
+        2, f"error: cannot write to s3://{s3_bucket}-absent/out: no such bucket; choose a writable --output\n")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{unused_port()}")
+    status = data_shards_main([*common, "--output", f"s3://{s3_bucket}/out/s-%06d.tar"])
+    errors = capsys.readouterr().err
+    assert status == 1 and errors.startswith("error: Could not connect to the endpoint URL")
+    assert errors.endswith("; re-run the same command to resume (finished shards are kept)\n")
+
+
+def test_foreign_files_in_the_output_folder(tmp_path, capsys, images):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "sizes.json").write_text("[1, 2]")  # not {name: count}: rewritten, as unreadable JSON is
+    records = [{"image": "good.jpg", "caption": "c"}]
+    status, _, manifest = build(capsys, tmp_path, "albef", records)
+    assert (status, manifest["written"]) == (0, 1)
+    assert json.loads((out / "sizes.json").read_text()) == {"s-000000.tar": 1}
+    (out / "s-000000.idx").write_bytes(b"\xff not an index")
+    status, errors, _ = build(capsys, tmp_path, "albef", records)
+    line = errors.splitlines()[-1]
+    assert status == 2 and line.startswith(f"error: {out}/s-000000.idx is not a DALI index this builder wrote (")
+    assert line.endswith("); remove it or choose another --output")
+
+
 # -- reading shards -------------------------------------------------------------------------------------------
 
 
