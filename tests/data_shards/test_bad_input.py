@@ -12,7 +12,12 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
 import socket
+import subprocess
+import sys
+import tarfile
+import time
 import warnings
 from pathlib import Path
 
@@ -24,9 +29,9 @@ from data_shards.__main__ import main as data_shards_main
 from data_shards.reader import ShardReader, Source
 from data_shards.shard_samples import SampleRejected, read_image_bytes
 from data_shards.sizes import NoShards, SizesUnknown, check_sources, samples_in
-from data_shards.tar_samples import SKIP_VANISHED_SHARD
-from tests.data_shards.shard_factory import write_dataset
-from tests.data_shards.test_build import samples_of, write_json
+from data_shards.tar_samples import SKIP_TRUNCATED, SKIP_VANISHED_SHARD
+from tests.data_shards.shard_factory import write_dataset, write_shard
+from tests.data_shards.test_build import REPOSITORY, samples_of, save_image, write_json
 
 REFUSED = "image reference not allowed"
 
@@ -206,6 +211,65 @@ def test_jsonl_bad_lines_are_counted_with_their_line_numbers(tmp_path, capsys, i
     assert written_origins(tmp_path / "out") == ["input.jsonl#0", "input.jsonl#3"]
 
 
+FILE_ERRORS = [  # (annotation file bytes, the error line's key words)
+    ("not-json", b"[{", "is not valid JSON"),
+    ("not-utf8-json", b'[{"image": "\xff"}]', "is not valid JSON"),
+    ("top-level-object", b'{"image": "good.jpg"}', "must hold a JSON list of records, found a JSON dict"),
+    ("empty-list", b"[]", "no records in"),
+]
+
+
+@pytest.mark.parametrize(("content", "words"), [case[1:] for case in FILE_ERRORS], ids=[c[0] for c in FILE_ERRORS])
+def test_unreadable_annotation_files_stop_the_build_naming_the_file(tmp_path, capsys, images, content, words):
+    status, errors, manifest = build(capsys, tmp_path, "albef", content)
+    assert (status, manifest) == (2, None)
+    assert errors.startswith("error: ") and str(tmp_path / "input.json") in errors and words in errors
+    assert not (tmp_path / "out").exists()
+
+
+def test_records_of_the_wrong_shape_or_type_are_rejected_with_their_reason(tmp_path, capsys, images):
+    records = [{"image": "good.jpg", "caption": "fine"}, 7, ["good.jpg", "c"], {"image": 3, "caption": "c"},
+               {"image": "good.jpg", "caption": {"text": "c"}}, {"caption": "no image"}, None,
+               {"image": "absent.jpg", "caption": "missing image"}, {"image": "good.jpg", "caption": ""},
+               {"image": "good.jpg", "caption": "  \t\n"}, {"image": "good.jpg", "caption": 5},
+               {"image": "good.jpg", "caption": [" ", ""]}, {"image": "sub/good2.jpg", "caption": ["", "last"]}]
+    status, _, manifest = build(capsys, tmp_path, "albef", records)
+    assert status == 0
+    assert manifest["rejects"] == {
+        "malformed record: not a JSON object": 3, "empty caption": 3,
+        "malformed record: field 'caption' must be a string or a list of strings": 2,
+        "malformed record: field 'image' must be a non-empty string": 1,
+        "malformed record: missing field 'image'": 1, "missing image": 1}
+    assert ("input.json#7", "missing image", f"{images}/absent.jpg") in examples(manifest)
+    assert written_origins(tmp_path / "out") == ["input.json#0", "input.json#12"]
+
+
+def test_bad_boxes_are_clipped_dropped_or_rejected(tmp_path, capsys, images):
+    elements = [{"caption": "inside", "bb": [2, 2, 10, 10]}, {"caption": "outside", "bb": [100, 100, 5, 5]},
+                {"caption": "zero area", "bb": [5, 5, 0, 4]}, {"caption": "negative corner", "bb": [-5, -5, 10, 10]},
+                {"caption": "negative size", "bb": [10, 10, -5, 5]}]
+    records = [{"image": "good.jpg", "caption": "boxes", "elems": elements},
+               {"image": "good.jpg", "caption": "nan", "elems": [{"caption": "r", "bb": [float("nan"), 0, 1, 1]}]},
+               {"image": "good.jpg", "caption": "text", "elems": [{"caption": "r", "bb": ["1", 0, 1, 1]}]},
+               {"image": "good.jpg", "caption": "short", "elems": [{"caption": "r", "bb": [1, 2, 3]}]}]
+    status, _, manifest = build(capsys, tmp_path, "xvlm", records)
+    assert status == 0
+    assert manifest["rejects"] == {"malformed record: field 'bb' must be a list of 4 numbers": 3}
+    assert manifest["boxes"] == {"clipped": 1, "dropped": 3}
+    (members,) = samples_of(tmp_path / "out" / "s-000000.tar").values()
+    assert [(region["text"], region["box"]) for region in json.loads(members["json"])["regions"]] == [
+        ("inside", [2.0, 2.0, 12.0, 12.0]), ("negative corner", [0.0, 0.0, 5.0, 5.0])]
+
+
+def test_a_target_box_outside_the_image_rejects_its_record(tmp_path, capsys, images):
+    records = [{"image": "good.jpg", "text": "kept", "ref_id": 1, "bbox": [1, 1, 4, 4]},
+               {"image": "good.jpg", "text": "gone", "ref_id": 2, "bbox": [50, 50, 4, 4]}]
+    status, _, manifest = build(capsys, tmp_path, "refcoco", records)
+    assert status == 0
+    assert examples(manifest) == [("input.json#1", "target box empty after clipping", "[50.0, 50.0, 54.0, 54.0]")]
+    assert written_origins(tmp_path / "out") == ["input.json#0"]
+
+
 # -- builder arguments and output -----------------------------------------------------------------------------
 
 
@@ -225,6 +289,14 @@ def test_pipe_is_no_image_root_or_output(tmp_path, capsys, images, option, value
     status = data_shards_main(["build", "--input", annotations, "--format", "albef", "--samples-per-shard", "5",
                                *[item for pair in arguments.items() for item in pair]])
     assert (status, capsys.readouterr().err) == (2, line.format(tmp=tmp_path) + "\n")
+
+
+def test_a_misspelt_format_lists_the_known_ones(tmp_path, capsys, images):
+    with pytest.raises(SystemExit) as caught:
+        build(capsys, tmp_path, "albfe", [{"image": "good.jpg", "caption": "c"}])
+    assert caught.value.code == 2
+    errors = capsys.readouterr().err
+    assert "argument --format: invalid choice: 'albfe' (choose from " in errors and "albef" in errors
 
 
 def test_an_unwritable_output_says_so_without_the_resume_hint(tmp_path, capsys, images):
@@ -270,7 +342,57 @@ def test_foreign_files_in_the_output_folder(tmp_path, capsys, images):
     assert line.endswith("); remove it or choose another --output")
 
 
+def test_killed_build_resumes_to_the_same_shards(tmp_path):
+    images = tmp_path / "large"
+    images.mkdir()
+    records = []
+    for index in range(24):  # big enough that resizing each takes a while, so the kill lands mid-build
+        save_image(images / f"{index}.jpg", (1200, 1000), seed=index)
+        records.append({"image": f"{index}.jpg", "caption": f"large {index}"})
+    annotations = write_json(tmp_path / "large.json", records)
+    command = [sys.executable, "-m", "data_shards", "build", "--input", annotations, "--format", "albef",
+               "--image-root", str(images), "--samples-per-shard", "1", "--resize-max-side", "300"]
+    out, reference = tmp_path / "out", tmp_path / "reference"
+    process = subprocess.Popen([*command, "--output", f"{out}/l-%06d.tar"], cwd=REPOSITORY,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not (out / "l-000001.idx").exists() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    finished = [name for name in os.listdir(out) if name.endswith(".idx")]
+    assert 2 <= len(finished) < 24 and not (out / "sizes.json").exists()
+    subprocess.run([*command, "--output", f"{out}/l-%06d.tar"], cwd=REPOSITORY, check=True,
+                   capture_output=True)
+    subprocess.run([*command, "--output", f"{reference}/l-%06d.tar"], cwd=REPOSITORY, check=True,
+                   capture_output=True)
+    names = sorted(name for name in os.listdir(reference) if name != "manifest.json")
+    assert sorted(name for name in os.listdir(out) if name != "manifest.json") == names  # no leftovers
+    assert all((out / name).read_bytes() == (reference / name).read_bytes() for name in names)
+    keys = [key for name in names if name.endswith(".tar") for key in samples_of(out / name)]
+    assert keys == [f"{index:09d}" for index in range(24)]
+
+
 # -- reading shards -------------------------------------------------------------------------------------------
+
+
+def test_truncated_and_empty_tars_are_counted_and_the_rest_is_read(tmp_path):
+    good = write_shard(tmp_path / "good.tar", ["g0", "g1"])
+    (tmp_path / "cut.tar").write_bytes(good.read_bytes()[:4300])  # inside the second sample's image
+    (tmp_path / "zero-bytes.tar").write_bytes(b"")
+    with tarfile.open(tmp_path / "no-members.tar", "w"):
+        pass
+    urls = [str(tmp_path / name) for name in ("cut.tar", "zero-bytes.tar", "no-members.tar", "good.tar")]
+    reader = ShardReader(urls, shard_shuffle=False)
+    assert [sample["__key__"] for sample in reader] == ["g0", "g0", "g1"]
+    assert reader.skipped == {SKIP_TRUNCATED: 2}  # the cut shard and the zero-byte one; no members is no error
+
+
+def test_a_closed_s3_endpoint_is_named(s3_server, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{unused_port()}")
+    with pytest.raises(storage.SourceUnreachable, match=r"^could not open s3://bucket/a-000000.tar after 1 "
+                                                        r"attempts: Could not connect to the endpoint URL"):
+        list(ShardReader("s3://bucket/a-000000.tar", retries=1))
 
 
 def test_exact_mode_fails_on_a_missing_shard_naming_it(tmp_path):
