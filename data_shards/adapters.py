@@ -1,10 +1,12 @@
 """Source-format adapters: one annotation file in a method's own format -> records in the shard data contract.
 
 Used by the builder (``python -m data_shards build --format FMT``) through
-``iter_records(fmt, path, image_root, detections=None)``, which yields a ``SourceRecord`` per good record
-and a ``Reject`` (with a short, stable reason) per malformed one. Inputs are JSON lists or JSON lines
-(``.jsonl``, as X-VLM ships them). Boxes leave here as xyxy float pixels of the original image, never
-clipped (the builder clips, drops and rescales them). Image existence is the builder's check.
+``iter_records(fmt, path, image_root, detections=None, allowed_schemes=())``, which yields a
+``SourceRecord`` per good record and a ``Reject`` (with a short, stable reason and a detail) per malformed
+one. Inputs are JSON lists or JSON lines (``.jsonl``, as X-VLM ships them). Image strings are resolved by
+:class:`~data_shards.image_refs.ImageReferences`: paths under ``image_root``, s3/hdfs URLs only where
+allowed, never ``pipe:`` or other schemes. Boxes leave here as xyxy float pixels of the original image,
+never clipped (the builder clips, drops and rescales them). Image existence is the builder's check.
 
 format   record read                                            meta written (besides source, image_id)
 albef    {image, caption: str | [str]}                          captions
@@ -24,6 +26,9 @@ ve       {image (".jpg" added when it has no extension), sentence,
                                                                 sentence, label
 refcoco  {image, text, ref_id, bbox: xywh} + detections file {image: [xywh, ...]}
                                                                 ref_id, text, box, proposals (xyxy)
+
+A ``.jsonl`` line that is not UTF-8 JSON is one rejected record (``invalid JSON line``, its detail naming
+the line number); the lines after it still count.
 """
 
 from __future__ import annotations
@@ -35,9 +40,12 @@ import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from data_shards.image_refs import REFUSED_REASON, ImageReferenceRefused, ImageReferences
+
 FORMATS: tuple[str, ...] = (
     "albef", "xvlm", "pevl", "vicha", "coco", "vqa", "nlvr2", "ve", "refcoco", "caption")
 VE_LABELS = ("entailment", "neutral", "contradiction")
+BAD_LINE_REASON = "invalid JSON line"
 
 
 @dataclass(frozen=True)
@@ -52,6 +60,7 @@ class SourceRecord:
 class Reject:
     origin: str
     reason: str  # a short stable category used to count rejects
+    detail: str = ""  # what exactly was wrong (the value, the line number), kept as a manifest example
 
 
 class AnnotationFileError(ValueError):
@@ -59,11 +68,11 @@ class AnnotationFileError(ValueError):
 
 
 class _RecordProblem(Exception):
-    """Raised inside a record parser; becomes a Reject with ``reason``."""
+    """Raised inside a record parser; becomes a Reject with ``reason`` and ``detail``."""
 
-    def __init__(self, reason: str):
+    def __init__(self, reason: str, detail: str = ""):
         super().__init__(reason)
-        self.reason = reason
+        self.reason, self.detail = reason, detail
 
 
 def _malformed(detail: str) -> _RecordProblem:
@@ -238,16 +247,9 @@ PARSERS: dict[str, Callable[[dict, int, str], tuple[list[str], str, dict]]] = {
 }
 
 
-def resolve_image_path(image_root: str, image: str) -> str:
-    """Join a record's image path to the root, keeping absolute paths and URLs (s3://...) as they are."""
-    if not image_root or os.path.isabs(image) or "://" in image:
-        return image
-    return image_root.rstrip("/") + "/" + image
-
-
-def _open_text(path: str, what: str):
+def _open_text(path: str, what: str, *, binary: bool = False):
     try:
-        return open(path, encoding="utf-8")
+        return open(path, "rb") if binary else open(path, encoding="utf-8")
     except FileNotFoundError:
         raise AnnotationFileError(f"{what} file {path} not found; check the path") from None
     except OSError as error:
@@ -263,15 +265,33 @@ def _load_json(path: str, what: str) -> object:
                                       "pass a JSON list of records or a .jsonl file") from None
 
 
+@dataclass(frozen=True)
+class _BadLine:
+    """A line of a .jsonl file that is not UTF-8 JSON; it stands in the record stream as one rejected record."""
+
+    detail: str
+
+
 def _json_lines(path: str) -> Iterator[object]:
-    with _open_text(path, "annotation") as handle:
-        for number, line in enumerate(handle, start=1):
-            if line.strip():
-                try:
-                    yield json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise AnnotationFileError(f"annotation file {path} line {number} is not valid JSON "
-                                              f"({error.msg}); fix or remove that line") from None
+    """The records of a .jsonl file; a broken line becomes a ``_BadLine`` so the lines after it still count."""
+    # Bytes, decoded line by line: one line that is not UTF-8 must not end the file.
+    with _open_text(path, "annotation", binary=True) as handle:
+        for number, raw in enumerate(handle, start=1):
+            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]  # a byte order mark some editors write
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                yield _BadLine(f"line {number}: not UTF-8 (byte 0x{raw[error.start]:02x} at column "
+                               f"{error.start + 1})")
+                continue
+            if not line.strip():
+                continue
+            try:
+                # Without its line break, so an error at the line's end is reported on this line.
+                yield json.loads(line.rstrip("\r\n"))
+            except json.JSONDecodeError as error:
+                yield _BadLine(f"line {number}: {error.msg} at column {error.colno}")
 
 
 def load_detections(path: str) -> dict[str, list[list[float]]]:
@@ -292,13 +312,17 @@ def load_detections(path: str) -> dict[str, list[list[float]]]:
     return detections
 
 
-def iter_records(fmt: str, path: str, image_root: str, *,
-                 detections: str | None = None) -> Iterator[SourceRecord | Reject]:
-    """Yield one SourceRecord or Reject per record of ``path``; file-level problems raise at call time."""
+def iter_records(fmt: str, path: str, image_root: str, *, detections: str | None = None,
+                 allowed_schemes: tuple[str, ...] = ()) -> Iterator[SourceRecord | Reject]:
+    """Yield one SourceRecord or Reject per record of ``path``; file-level problems raise at call time.
+
+    ``allowed_schemes`` ("s3", "hdfs") lets image URLs of those schemes outside ``image_root`` through.
+    """
     if fmt not in FORMATS:
         raise ValueError(f"unknown annotation format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if detections is not None and fmt != "refcoco":
         raise ValueError(f"a detections file only applies to the refcoco format, not {fmt!r}")
+    references = ImageReferences(image_root, allowed_schemes)
     proposals = load_detections(detections) if detections is not None else {}
     if path.endswith(".jsonl"):
         _open_text(path, "annotation").close()  # a missing file fails now, not at the first record
@@ -310,15 +334,17 @@ def iter_records(fmt: str, path: str, image_root: str, *,
                                       f"found a JSON {type(content).__name__}")
         records = iter(content)
     split = re.search(r"(?:^|[_.-])(train|val|test)(?:[_.-]|$)", os.path.basename(path))
-    return _records(fmt, path, image_root, records, proposals, split.group(1) if split else None)
+    return _records(fmt, path, references, records, proposals, split.group(1) if split else None)
 
 
-def _records(fmt: str, path: str, image_root: str, records: Iterator[object],
+def _records(fmt: str, path: str, references: ImageReferences, records: Iterator[object],
              proposals: dict[str, list[list[float]]], split: str | None) -> Iterator[SourceRecord | Reject]:
     name = os.path.basename(path)
     for index, record in enumerate(records):
         origin = f"{name}#{index}"
         try:
+            if isinstance(record, _BadLine):
+                raise _RecordProblem(BAD_LINE_REASON, record.detail)
             if not isinstance(record, dict):
                 raise _malformed("not a JSON object")
             images, text, meta = PARSERS[fmt](record, index, fmt)
@@ -326,11 +352,15 @@ def _records(fmt: str, path: str, image_root: str, records: Iterator[object],
                 meta["image_id"] = _identifier(record["image_id"], "image_id")
             if fmt == "vqa" and record.get("split", split) is not None:
                 meta["split"] = _string(record.get("split", split), "split")
+            image_paths = [references.resolve(image) for image in images]
+        except ImageReferenceRefused as refused:
+            yield Reject(origin, REFUSED_REASON, str(refused))
+            continue
         except _RecordProblem as problem:
-            yield Reject(origin, problem.reason)
+            yield Reject(origin, problem.reason, problem.detail)
             continue
         if fmt == "refcoco":
             image_id = str(record.get("image_id", ""))
             meta["proposals"] = proposals.get(images[0], proposals.get(image_id, []))
         meta = {"source": fmt, **meta}
-        yield SourceRecord(origin, [resolve_image_path(image_root, image) for image in images], text, meta)
+        yield SourceRecord(origin, image_paths, text, meta)

@@ -14,19 +14,23 @@ by count and estimated bytes), so every shard is a fixed job: workers build shar
 bytes do not depend on ``--workers``, and a killed build re-run with the same arguments skips the
 shards whose ``.tar`` and ``.idx`` both exist (the ``.idx`` is written last) and recounts them.
 Bad records are rejected with a reason, never fatal; the exit status is 1 when the rejected fraction
-exceeds ``--max-reject-fraction``.
+exceeds ``--max-reject-fraction``. Image paths in the annotations are data: they are read only under
+``--image-root``, as s3/hdfs URLs only with ``--allow-image-scheme``, and never as ``pipe:`` commands
+(see :mod:`data_shards.image_refs`).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import multiprocessing
 import os
 import queue
 import random
 import sys
+import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -43,6 +47,7 @@ from data_shards.dali_index import (
     parse_index,
     split_name,
 )
+from data_shards.image_refs import ALLOWABLE_SCHEMES
 from data_shards.shard_samples import SampleOptions, SampleRejected, build_members, count_box_fixes, is_url
 
 MAX_REJECT_EXAMPLES = 20
@@ -108,7 +113,11 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
         "Annotation files + images -> WebDataset shards with DALI indexes, sizes.json and manifest.json."))
     parser.add_argument("--input", action="append", required=True, help="annotation file (repeatable)")
     parser.add_argument("--format", required=True, choices=FORMATS)
-    parser.add_argument("--image-root", required=True, help="folder the annotation's image paths start from")
+    parser.add_argument("--image-root", required=True,
+                        help="folder (or s3://, hdfs:// URL) the annotation's image paths start from; images "
+                             "outside it are not read")
+    parser.add_argument("--allow-image-scheme", action="append", default=[], choices=ALLOWABLE_SCHEMES,
+                        help="also read annotation image URLs of this scheme outside --image-root (repeatable)")
     parser.add_argument("--output", required=True, help="shard pattern, e.g. 'out/train-%%06d.tar' or s3://...")
     parser.add_argument("--samples-per-shard", type=int, required=True)
     parser.add_argument("--max-shard-bytes", type=int, default=None,
@@ -127,7 +136,10 @@ def check_arguments(args: argparse.Namespace) -> None:
     for path in args.input:
         if not os.path.isfile(path):
             raise BuildError(f"annotation file {path} not found; check --input")
-    if "://" not in args.image_root and not os.path.isdir(args.image_root):
+    root_scheme = _scheme_or_none(args.image_root)
+    if root_scheme not in ("local", *ALLOWABLE_SCHEMES) or args.image_root.startswith("file://"):
+        raise BuildError(f"--image-root {args.image_root!r}: use a local folder or an s3:// or hdfs:// URL")
+    if root_scheme == "local" and not os.path.isdir(args.image_root):
         raise BuildError(f"image folder {args.image_root} not found; check --image-root")
     if args.detections and not os.path.isfile(args.detections):
         raise BuildError(f"detections file {args.detections} not found; check --detections")
@@ -138,12 +150,21 @@ def check_arguments(args: argparse.Namespace) -> None:
     if first == second or not first.endswith(".tar"):
         raise BuildError(f"--output {args.output!r} needs one %d-style field for the shard number and a .tar "
                          "ending, e.g. 'out/train-%06d.tar'")
+    if _scheme_or_none(args.output) not in ("local", "s3"):
+        raise BuildError(f"--output {args.output!r}: shards are written to a local path or an s3:// URL")
     for name in ("samples_per_shard", "workers", "max_shard_bytes", "resize_max_side"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise BuildError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     if not 1 <= args.jpeg_quality <= 100:
         raise BuildError(f"--jpeg-quality must be within 1..100, got {args.jpeg_quality}")
+
+
+def _scheme_or_none(url: str) -> str | None:
+    try:
+        return storage.scheme(url)
+    except ValueError:
+        return None
 
 
 def collect_records(args: argparse.Namespace) -> tuple[list[PlannedSample], list[Tally]]:
@@ -153,10 +174,11 @@ def collect_records(args: argparse.Namespace) -> tuple[list[PlannedSample], list
     position = 0
     for input_index, path in enumerate(args.input):
         try:
-            for item in iter_records(args.format, path, args.image_root, detections=args.detections):
+            for item in iter_records(args.format, path, args.image_root, detections=args.detections,
+                                     allowed_schemes=tuple(args.allow_image_scheme)):
                 tallies[input_index].records += 1
                 if isinstance(item, Reject):
-                    tallies[input_index].reject(item.origin, item.reason)
+                    tallies[input_index].reject(item.origin, item.reason, item.detail)
                 else:
                     samples.append(PlannedSample(f"{position:09d}", input_index, item))
                 position += 1
@@ -225,7 +247,11 @@ def _write_shard(job: ShardJob, index_url: str, progress) -> ShardResult:
 
 def _recount_shard(job: ShardJob, index_url: str, progress) -> ShardResult:
     """Counts for a shard an earlier run finished: written keys from its index, reasons recomputed."""
-    indexed = parse_index(storage.read_bytes(index_url).decode())
+    try:
+        indexed = parse_index(storage.read_bytes(index_url).decode())
+    except ValueError as error:  # not UTF-8 or not v1.2: not an index of ours: never guess what the tar holds
+        raise BuildError(f"{index_url} is not a DALI index this builder wrote ({error}); remove it or choose "
+                         "another --output") from None
     written_keys = {split_name(sample[0].name)[0] for sample in indexed}
     planned = {sample.key for sample in job.samples}
     foreign = sorted(written_keys - planned)
@@ -350,8 +376,43 @@ def merged_sizes(folder: str, results: list[ShardResult]) -> dict:
     if storage.exists(sizes_url):
         with contextlib.suppress(ValueError):
             sizes = json.loads(storage.read_bytes(sizes_url))
+    if not isinstance(sizes, dict):  # unreadable as {name: count}: rewritten from this build, as broken JSON is
+        sizes = {}
     sizes.update({result.name: result.written for result in results})
     return dict(sorted(sizes.items()))
+
+
+def check_writable(folder: str) -> None:
+    """Fail before any work when a local output folder cannot take files (S3 answers on the first write)."""
+    if storage.scheme(folder) != "local":
+        return
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        message = _not_writable(error, folder)
+        if message is None:
+            raise
+        raise BuildError(message) from None
+
+
+_NOT_WRITABLE = {errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+                 errno.EROFS: "read-only file system"}
+
+
+def _not_writable(error: BaseException, folder: str) -> str | None:
+    """The plain message for a write the user must redirect (a re-run would fail the same way), else None."""
+    reason = _NOT_WRITABLE.get(getattr(error, "errno", None))
+    response = getattr(error, "response", None)  # botocore's ClientError
+    code = response.get("Error", {}).get("Code") if isinstance(response, dict) else None
+    if code in ("AccessDenied", "AllAccessDisabled"):
+        reason = "access denied"
+    elif code == "NoSuchBucket":
+        reason = "no such bucket"
+    if reason is None:
+        return None
+    return f"cannot write to {folder}: {reason}; choose a writable --output"
 
 
 def build(args: argparse.Namespace) -> int:
@@ -360,6 +421,7 @@ def build(args: argparse.Namespace) -> int:
     samples, input_tallies = collect_records(args)
     if not any(tally.records for tally in input_tallies):
         raise BuildError(f"no records in {', '.join(args.input)} for format {args.format}; check --format")
+    check_writable(storage.parent(args.output % 0))
     options = SampleOptions(resize_max_side=args.resize_max_side, jpeg_quality=args.jpeg_quality,
                             source=args.format)
     groups = plan_shards(samples, args)
@@ -395,7 +457,27 @@ def main(argv: list[str]) -> int:
     except BuildError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except OSError as error:
+    except Exception as error:
+        # Output failures: a write the user must redirect gets that said plainly; only a transient one
+        # (network, a full disk since freed) is helped by resuming.
+        if not isinstance(error, OSError) and not _is_storage_client_error(error):
+            raise
+        message = _not_writable(error, _output_folder(args.output))
+        if message is not None:
+            print(f"error: {message}", file=sys.stderr)
+            return 2
         print(f"error: {error}; re-run the same command to resume (finished shards are kept)",
               file=sys.stderr)
         return 1
+
+
+def _output_folder(output: str) -> str:
+    try:
+        return storage.parent(output % 0)
+    except (TypeError, ValueError):
+        return output
+
+
+def _is_storage_client_error(error: BaseException) -> bool:
+    """botocore's errors (S3 refusals, unreachable endpoints), recognised without importing boto3 first."""
+    return type(error).__module__.startswith("botocore.")

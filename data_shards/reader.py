@@ -13,7 +13,12 @@ source, forever.
 The slot's position is a small dict (epoch, shard cursor, offset in the shard, the shuffle buffer as
 (shard, index) pairs, the RNG state), so a resumed run continues without repeating or skipping
 samples: the buffered samples are re-read from their shards, and the current shard is re-opened past
-the samples already taken. Example::
+the samples already taken.
+
+A shard that no longer exists (deleted or moved while a run goes on) fails an ``exact`` epoch with its
+URL named. In ``resampled`` mode it is warned about once, counted in ``skipped`` under
+``shard not found (vanished)`` and never drawn again by that slot (the list rides in the slot's position);
+only when no shard of any source is left does reading stop, with an error naming the sources. Example::
 
     reader = ShardReader([Source("data/shards/train-{000000..000015}.tar")], shuffle_buffer=1000, seed=0)
     for sample in reader: ...
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import random
+import warnings
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -32,7 +38,7 @@ import torch.distributed as dist
 from torch.utils.data import IterableDataset, get_worker_info
 
 from data_shards import storage
-from data_shards.tar_samples import iter_samples
+from data_shards.tar_samples import SKIP_VANISHED_SHARD, iter_samples
 
 MODES = ("exact", "resampled")
 
@@ -109,6 +115,7 @@ class ShardReader(IterableDataset):
         self._resume: dict[int, dict] = {}
         self._live: tuple | None = None
         self._slot_rotation = 0
+        self._draw_lists: tuple[tuple, list[list[str]]] | None = None
         check_enough_shards(self.all_shards, self.world_size, max(num_workers, 1), mode)
 
     @property
@@ -136,11 +143,34 @@ class ShardReader(IterableDataset):
             random.Random(f"{self.seed}:{epoch}").shuffle(shards)
         return shards[plan.slot :: plan.num_slots]
 
-    def draw_shard(self, rng: random.Random) -> str:
-        """Resampled mode: a source by weight, then a shard of it uniformly."""
-        weights = [source.weight for source in self.sources]
-        urls = rng.choices(self.shard_lists, weights=weights)[0]
+    def draw_shard(self, rng: random.Random, vanished: Sequence[str] = ()) -> str:
+        """Resampled mode: a source by weight, then a shard of it uniformly, leaving out vanished shards."""
+        shard_lists = self._shards_left(vanished) if vanished else self.shard_lists
+        weights = [source.weight if urls else 0.0 for source, urls in zip(self.sources, shard_lists, strict=True)]
+        if not any(weights):
+            names = ", ".join(repr(source.urls) for source in self.sources)
+            raise storage.SourceNotFound(
+                f"no shard of {names} can be read any more: all {len(self.all_shards)} were not found "
+                f"(deleted or moved since the run started); restore them or point data.train at shards that exist")
+        urls = rng.choices(shard_lists, weights=weights)[0]
         return urls[rng.randrange(len(urls))]
+
+    def _shards_left(self, vanished: Sequence[str]) -> list[list[str]]:
+        key = tuple(vanished)  # the list only grows, so it names the filtered lists exactly
+        if self._draw_lists is None or self._draw_lists[0] != key:
+            gone = set(vanished)
+            self._draw_lists = (key, [[url for url in urls if url not in gone] for urls in self.shard_lists])
+        return self._draw_lists[1]
+
+    def _vanish(self, url: str, state: dict) -> None:
+        """Resampled mode: a shard that is not found any more is skipped from now on, said once."""
+        vanished = state.setdefault("vanished", [])
+        if url in vanished:
+            return
+        vanished.append(url)
+        self.skipped[SKIP_VANISHED_SHARD] += 1
+        warnings.warn(f"shard {url} was not found (deleted or moved during the run?); resampled reading "
+                      "skips it from now on", RuntimeWarning, stacklevel=2)
 
     # -- state -----------------------------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
@@ -187,7 +217,7 @@ class ShardReader(IterableDataset):
         self.skipped = Counter(state.get("skipped", {}))
         rng = random.Random()
         rng.setstate(_as_rng_state(state["rng"]))
-        buffer = self._refill_buffer(state["buffer"])
+        buffer = self._refill_buffer(state)
         self._live = (state, buffer, rng)
         shards = self.epoch_shards(self.epoch, plan) if self.mode == "exact" else None
         for sample in self._shuffled(self._stream(state, shards, rng), buffer, rng):
@@ -206,10 +236,18 @@ class ShardReader(IterableDataset):
                         return
                     state["shard"] = shards[state["cursor"]]
                 else:
-                    state["shard"] = self.draw_shard(rng)
+                    state["shard"] = self.draw_shard(rng, state.get("vanished", ()))
                 state["offset"] = 0
             url = state["shard"]
-            with storage.open_read(url, retries=self.retries, hdfs_command=self.hdfs_command) as stream:
+            try:
+                stream = storage.open_read(url, retries=self.retries, hdfs_command=self.hdfs_command)
+            except storage.SourceNotFound:
+                if shards is not None:
+                    raise  # exact mode promises every shard of the epoch: a missing one is the user's to fix
+                self._vanish(url, state)
+                state["shard"] = None
+                continue
+            with stream:
                 for sample in iter_samples(stream, url, self.skipped, start=state["offset"]):
                     state["offset"] = sample["__index__"] + 1
                     yield sample
@@ -232,8 +270,13 @@ class ShardReader(IterableDataset):
         while buffer:
             yield buffer.pop(rng.randrange(len(buffer)))
 
-    def _refill_buffer(self, locators: list) -> list[dict]:
-        """Re-read the samples a saved shuffle buffer held, in the saved order."""
+    def _refill_buffer(self, state: dict) -> list[dict]:
+        """Re-read the samples a saved shuffle buffer held, in the saved order.
+
+        In resampled mode the samples of a shard that vanished since are left out (the shard is counted as
+        vanished); in exact mode that is an error.
+        """
+        locators = state["buffer"]
         if not locators:
             return []
         wanted: dict[str, set[int]] = {}
@@ -243,12 +286,21 @@ class ShardReader(IterableDataset):
         already_counted: Counter = Counter()  # these shards' skips were counted on the first read
         for url, indices in wanted.items():
             left = len(indices)
-            with storage.open_read(url, retries=self.retries, hdfs_command=self.hdfs_command) as stream:
+            try:
+                stream = storage.open_read(url, retries=self.retries, hdfs_command=self.hdfs_command)
+            except storage.SourceNotFound:
+                if self.mode == "exact":
+                    raise
+                self._vanish(url, state)
+                continue
+            with stream:
                 for sample in iter_samples(stream, url, already_counted, wanted=indices):
                     found[(url, sample["__index__"])] = sample
                     left -= 1
                     if left == 0:
                         break
+        vanished = set(state.get("vanished", ()))
+        locators = [loc for loc in locators if loc[0] not in vanished]
         missing = [tuple(loc) for loc in locators if tuple(loc) not in found]
         if missing:
             raise RuntimeError(f"cannot restore the shuffle buffer: {len(missing)} samples no longer in "

@@ -33,6 +33,7 @@ from data_shards.image_modes import (
     open_image,
     to_rgb,
 )
+from data_shards.image_refs import REFUSED_REASON
 
 # Source formats whose bytes are stored unchanged when no resize is needed (MPO is a camera JPEG) and
 # the image's mode is one both decoders read as the same 8-bit RGB; everything else is re-encoded.
@@ -83,7 +84,9 @@ def read_image_bytes(path: str) -> bytes:
     """Image bytes from a local path (adapters resolve them against --image-root) or a URL."""
     if is_url(path):
         try:
-            return storage.read_bytes(path)
+            return storage.read_data_bytes(path)  # the path came from data: never a pipe: command
+        except ValueError as error:
+            raise SampleRejected(REFUSED_REASON, str(error)) from error
         except OSError as error:
             raise SampleRejected("unreadable image", str(error)) from error
     try:
@@ -252,7 +255,7 @@ def count_box_fixes(record: SourceRecord, options: SampleOptions) -> tuple[int, 
     """Clip/drop counts of a sample already in a shard, from the image header alone (no decode)."""
     try:
         path = record.image_paths[0]
-        source = storage.open_read(path) if is_url(path) else open(path, "rb")  # noqa: SIM115
+        source = storage.open_data_read(path) if is_url(path) else open(path, "rb")  # noqa: SIM115
         with source, open_image(source, f"{path} (record {record.origin})") as image:
             original = image.size
         size = stored_size(*original, options.resize_max_side)

@@ -10,7 +10,9 @@ Every other module reaches storage through these functions, so a new scheme is a
 
 S3 uses boto3 with its standard configuration (``AWS_ENDPOINT_URL`` selects an S3-compatible store).
 HDFS goes through a configurable client command (``hdfs dfs -cat`` by default) whose stdout is streamed;
-``pipe:COMMAND`` runs a shell command taken from configuration, never from data.
+``pipe:COMMAND`` runs a shell command taken from configuration, never from data: a location that came
+from data (an annotation's image path) is opened with ``open_data_read``/``read_data_bytes``, which refuse
+``pipe:``.
 """
 
 from __future__ import annotations
@@ -33,10 +35,15 @@ S3_MINIMUM_PART_BYTES = 5 * 1024 * 1024
 DEFAULT_PART_BYTES = 8 * 1024 * 1024
 READ_BUFFER_BYTES = 1024 * 1024
 PARTIAL_SUFFIX = ".partial"
+_S3_NOT_FOUND_CODES = ("404", "NoSuchKey", "NotFound", "NoSuchBucket")
 
 
 class SourceUnreachable(OSError):
     """A URL could not be opened after every retry; the message names the URL and the last error."""
+
+
+class SourceNotFound(SourceUnreachable):
+    """The URL names nothing (no such file, S3 key or bucket): every retry ended in "not found"."""
 
 
 def expand_urls(spec: str | Sequence[str]) -> list[str]:
@@ -49,6 +56,11 @@ def expand_urls(spec: str | Sequence[str]) -> list[str]:
             if piece:
                 urls.extend(braceexpand.braceexpand(piece))
     return urls
+
+
+def scheme(url: str) -> str:
+    """``local`` (paths and ``file://``), ``s3``, ``hdfs`` or ``pipe``; any other scheme is a ValueError."""
+    return _scheme(url)
 
 
 def _scheme(url: str) -> str:
@@ -191,11 +203,32 @@ def open_read(url: str, *, retries: int = 3, backoff: float = 0.5,
             return _open_once(url, hdfs_command, client)
         except Exception as error:  # every failure is retried, then reported with the URL
             last_error = error
-    raise SourceUnreachable(f"could not open {url} after {attempts} attempts: {last_error}") from last_error
+    kind = SourceNotFound if _is_not_found(last_error) else SourceUnreachable
+    raise kind(f"could not open {url} after {attempts} attempts: {last_error}") from last_error
+
+
+def _is_not_found(error: BaseException | None) -> bool:
+    if isinstance(error, FileNotFoundError):
+        return True
+    response = getattr(error, "response", None)  # botocore's ClientError
+    return isinstance(response, dict) and response.get("Error", {}).get("Code") in _S3_NOT_FOUND_CODES
 
 
 def read_bytes(url: str, **open_options) -> bytes:
     with open_read(url, **open_options) as stream:
+        return stream.read()
+
+
+def open_data_read(url: str, **open_options) -> BinaryIO:
+    """``open_read`` for a location taken from data: a ``pipe:`` command is refused (ValueError), not run."""
+    if _scheme(url) == "pipe":
+        raise ValueError(f"refusing to open {url!r}: it comes from data, and pipe: commands come only from "
+                         "configuration")
+    return open_read(url, **open_options)
+
+
+def read_data_bytes(url: str, **open_options) -> bytes:
+    with open_data_read(url, **open_options) as stream:
         return stream.read()
 
 
@@ -206,7 +239,7 @@ def _s3_head(url: str) -> dict | None:
     try:
         return s3_client().head_object(Bucket=bucket, Key=key)
     except ClientError as error:
-        if error.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+        if error.response.get("Error", {}).get("Code") in _S3_NOT_FOUND_CODES:
             return None
         raise
 
@@ -252,14 +285,25 @@ def list_dir(url_prefix: str) -> list[str]:
     return sorted(entries)
 
 
+def _no_folder(url: str, what: str) -> ValueError:
+    return ValueError(f"cannot {what} {url!r}: a pipe: command has no folder; name the file itself instead")
+
+
 def join(url_dir: str, name: str) -> str:
-    if _scheme(url_dir) == "local" and not url_dir.startswith("file://"):
+    scheme = _scheme(url_dir)
+    if scheme == "pipe":  # appending to a command would run a command nobody wrote
+        raise _no_folder(url_dir, f"put {name!r} inside")
+    if scheme == "local" and not url_dir.startswith("file://"):
         return os.path.join(url_dir, name)
     return url_dir.rstrip("/") + "/" + name
 
 
 def parent(url: str) -> str:
+    """The folder of a file URL. A ``pipe:`` command has none (nor does ``join`` put a name inside one):
+    deriving, say, a ``sizes.json`` beside it would run a command nobody configured."""
     scheme = _scheme(url)
+    if scheme == "pipe":
+        raise _no_folder(url, "take the folder of")
     if scheme == "local" and not url.startswith("file://"):
         return os.path.dirname(url) or "."
     if scheme == "s3":

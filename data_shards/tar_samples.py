@@ -41,6 +41,7 @@ SKIP_UNDECODABLE_IMAGE = "undecodable image"
 SKIP_IMAGE_TOO_LARGE = "image too large"  # over Pillow's decompression-bomb limit
 SKIP_UNSUPPORTED_IMAGE_MODE = "unsupported image mode"  # 32-bit integer or float pixels
 SKIP_UNSUPPORTED_IMAGE_FORMAT = "image format DALI does not decode"  # GIF, ICO, ...: the PIL path decodes them
+SKIP_VANISHED_SHARD = "shard not found (vanished)"  # resampled mode: counted once per shard, then never drawn
 
 BLOCK_SIZE = 512
 _ZERO_BLOCK = bytes(BLOCK_SIZE)

@@ -35,6 +35,7 @@ from tqdm import tqdm
 from data_shards.boxes import TransformConfig
 from data_shards.loader import StreamingLoader
 from data_shards.reader import ShardReader, Source
+from data_shards.sizes import ShardSourceError, SizesUnknown, check_sources
 from data_shards.transforms import PilTransform, collate
 from finetune import checkpoints
 from finetune.schema import FinetuneConfig
@@ -127,14 +128,21 @@ def _has_samples(urls: str) -> bool:
     """Whether a split holds a sample: from its ``sizes.json`` when there is one, else by reading up to one."""
     try:
         return samples_in(urls) > 0
-    except ConfigError:
+    except SizesUnknown:
         return next(iter(ShardReader(urls, rank=0, world_size=1, shard_shuffle=False)), None) is not None
 
 
 def require_samples(splits: dict[str, str | None]) -> None:
-    """Fail before any training when a configured split is empty (``{name: urls}``; None = not configured)."""
+    """Fail before any training when a configured split is missing or empty (``{name: urls}``; None = not
+    configured). Training reads resampled, so only evaluation splits need every shard."""
     for split, urls in splits.items():
-        if urls and not _has_samples(urls):
+        if not urls:
+            continue
+        try:
+            check_sources(urls, mode="resampled" if split == "train" else "exact")
+        except ShardSourceError as error:
+            raise DataError(f"data.{split}: {error}") from None
+        if not _has_samples(urls):
             raise DataError(f"{split} split {urls!r} holds no sample")
 
 
@@ -142,7 +150,7 @@ def predict_split(context: EvalContext) -> list[dict]:
     rank, world = dist.get_rank(), dist.get_world_size()
     try:
         total = samples_in(context.urls)
-    except ConfigError:
+    except SizesUnknown:
         total = sum(1 for _ in ShardReader(context.urls, rank=0, world_size=1, shard_shuffle=False))
     if total == 0:
         raise DataError(f"{context.split} split {context.urls!r} holds no sample")
@@ -274,7 +282,7 @@ def finetune(spec: TaskSpec, args: argparse.Namespace) -> dict:
 
     steps_per_epoch = 1
     if not args.evaluate:
-        samples = config.data.train_samples or samples_in(config.data.train)
+        samples = config.data.train_samples or samples_in(config.data.train, setting="data.train_samples")
         steps_per_epoch = samples // (micro_batch * world * accumulation)
         if steps_per_epoch < 1:
             raise ConfigError(f"{samples} training samples give no full step of {micro_batch} x {world} ranks")
@@ -353,7 +361,7 @@ def run(spec: TaskSpec, argv: list[str] | None = None) -> int:
     args = parse_args(spec.name, sys.argv[1:] if argv is None else argv)
     try:
         results = finetune(spec, args)
-    except (ConfigError, checkpoints.CheckpointError, DataError, OutputNotWritable) as error:
+    except (ConfigError, checkpoints.CheckpointError, DataError, ShardSourceError, OutputNotWritable) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except DataFailure as error:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from data_shards import storage
+from data_shards.sizes import samples_in  # noqa: F401  (its callers import it from here)
 from pretrain.config import ConfigError, resolve_path
 from pretrain.models.albef import build_albef, load_pretrained_encoders
 from pretrain.models.text import build_tokenizer
@@ -105,21 +105,3 @@ def lr_schedule(optimizer, optim: OptimConfig, steps_per_epoch: int, total_steps
         return lr / optim.lr
 
     return LambdaLR(optimizer, factor)
-
-
-def samples_in(urls: str) -> int:
-    """Sample count of a shard list from the ``sizes.json`` the builder writes beside the shards."""
-    total = 0
-    by_folder: dict[str, dict] = {}
-    for url in storage.expand_urls(urls):
-        folder, name = storage.parent(url), os.path.basename(url)
-        sizes_url = storage.join(folder, "sizes.json")
-        if folder not in by_folder:
-            try:
-                by_folder[folder] = json.loads(storage.read_bytes(sizes_url))
-            except (OSError, ValueError):
-                raise ConfigError(f"no readable sizes.json beside {url}; set data.samples_per_epoch") from None
-        if name not in by_folder[folder]:
-            raise ConfigError(f"{sizes_url} has no entry for {name}; set data.samples_per_epoch")
-        total += by_folder[folder][name]
-    return total

@@ -30,6 +30,7 @@ from tqdm import tqdm
 from data_shards.boxes import TransformConfig
 from data_shards.loader import StreamingLoader
 from data_shards.reader import Source
+from data_shards.sizes import ShardSourceError, check_sources
 from pretrain import checkpoint
 from pretrain.build import build_task, ds_config_for, lr_schedule, samples_in, seed_everything
 from pretrain.config import ConfigError, config_to_dict, load_config, save_config
@@ -109,7 +110,12 @@ def train(args: argparse.Namespace) -> dict:
     accumulation = ds_config.get("gradient_accumulation_steps", 1)
     if not config.data.train:
         raise ConfigError("data.train lists no shard source; add one with `urls: path/train-{000000..000099}.tar`")
-    samples_per_epoch = config.data.samples_per_epoch or sum(samples_in(source.urls) for source in config.data.train)
+    try:  # a missing or uncountable source stops the run here, before any step, with the pattern named
+        check_sources([source.urls for source in config.data.train], mode=config.data.mode)
+        samples_per_epoch = config.data.samples_per_epoch or sum(samples_in(source.urls)
+                                                                 for source in config.data.train)
+    except ShardSourceError as error:
+        raise ConfigError(f"data.train: {error}") from None
     steps_per_epoch = samples_per_epoch // (micro_batch * world * accumulation)
     if steps_per_epoch < 1:
         raise ConfigError(f"{samples_per_epoch} samples per epoch give no full step of {micro_batch} x {world} "

@@ -10,7 +10,6 @@ import io
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
 import tarfile
@@ -348,37 +347,6 @@ def test_resume_refuses_shards_of_another_build(tmp_path, capsys, captioned):
     assert errors.splitlines()[-1] == (
         f"error: {tmp_path}/out/f-000000.tar exists but was built from other inputs or options "
         "(key 000000000); remove the output or choose another --output")
-
-
-def test_killed_build_resumes_to_the_same_shards(tmp_path, captioned):
-    images = tmp_path / "large"
-    images.mkdir()
-    records = []
-    for index in range(24):  # big enough that resizing each takes a while, so the kill lands mid-build
-        save_image(images / f"{index}.jpg", (1200, 1000), seed=index)
-        records.append({"image": f"{index}.jpg", "caption": f"large {index}"})
-    annotations = write_json(tmp_path / "large.json", records)
-    command = [sys.executable, "-m", "data_shards", "build", "--input", annotations, "--format", "albef",
-               "--image-root", str(images), "--samples-per-shard", "1", "--resize-max-side", "300"]
-    out, reference = tmp_path / "out", tmp_path / "reference"
-    process = subprocess.Popen([*command, "--output", f"{out}/l-%06d.tar"], cwd=REPOSITORY,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
-    while not (out / "l-000001.idx").exists() and time.monotonic() < deadline:
-        time.sleep(0.005)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    finished = [name for name in os.listdir(out) if name.endswith(".idx")]
-    assert 2 <= len(finished) < 24 and not (out / "sizes.json").exists()
-    subprocess.run([*command, "--output", f"{out}/l-%06d.tar"], cwd=REPOSITORY, check=True,
-                   capture_output=True)
-    subprocess.run([*command, "--output", f"{reference}/l-%06d.tar"], cwd=REPOSITORY, check=True,
-                   capture_output=True)
-    names = sorted(name for name in os.listdir(reference) if name != "manifest.json")
-    assert sorted(name for name in os.listdir(out) if name != "manifest.json") == names  # no leftovers
-    assert all((out / name).read_bytes() == (reference / name).read_bytes() for name in names)
-    keys = [key for name in names if name.endswith(".tar") for key in samples_of(out / name)]
-    assert keys == [f"{index:09d}" for index in range(24)]
 
 
 def test_build_to_s3(tmp_path, capsys, captioned, s3_bucket):

@@ -25,6 +25,13 @@ def test_require_samples_names_the_empty_split(tmp_path, finetune_world):
         require_samples({"train": finetune_world["ve_train"], "val": empty})
 
 
+def test_require_samples_names_a_pattern_that_matches_nothing(tmp_path):
+    pattern = f"{tmp_path}/typo/train-{{000000..000003}}.tar"
+    with pytest.raises(DataError, match=rf"^data.train: shard pattern '{tmp_path}/typo/train-\{{000000..000003\}}.tar' "
+                                        r"matches no file \(4 name\(s\) tried"):
+        require_samples({"train": pattern, "val": None})
+
+
 def test_an_empty_val_split_fails_before_training(tmp_path, finetune_world, tiny_checkpoint):
     empty = _empty_shard(tmp_path / "empty-000000.tar")
     data = {"train": finetune_world["ve_train"], "val": empty, "test": finetune_world["ve_test"]}
