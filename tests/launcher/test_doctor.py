@@ -114,7 +114,7 @@ def test_doctor_on_this_machine_reports_each_failure_then_ok(tmp_path, tiny_shar
     assert rows[1].split()[:3] == ["HOST", "SLOTS", "STATUS"]
     assert rows[2].split()[:3] == ["127.0.0.1", "1", "FAIL"]
     details = "\n".join(rows[2:])
-    assert f"cannot read shard {tmp_path}/missing-000000.tar: SourceUnreachable" in details
+    assert f"cannot read shard {tmp_path}/missing-000000.tar: SourceNotFound" in details
     assert f"master port {port} is in use on 127.0.0.1" in details
     assert "0 GPU(s) < slots=1 -> set DS_ACCELERATOR=cpu for CPU ranks" in details
     assert rows[-1] == "doctor: 1 of 1 host(s) FAIL (127.0.0.1); fix them or leave them out with --exclude"

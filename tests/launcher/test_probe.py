@@ -34,7 +34,7 @@ def test_first_shard_opens_as_a_tar_or_says_why_not(tmp_path):
     junk = probe.first_shard(str(tmp_path / "junk-000000.tar"), "hdfs dfs -cat", 5)
     assert not junk["ok"] and junk["detail"].startswith("ReadError")
     missing = probe.first_shard(str(tmp_path / "gone-{000000..000003}.tar"), "hdfs dfs -cat", 5)
-    assert missing["url"] == str(tmp_path / "gone-000000.tar") and missing["detail"].startswith("SourceUnreachable")
+    assert missing["url"] == str(tmp_path / "gone-000000.tar") and missing["detail"].startswith("SourceNotFound")
 
 
 def test_a_source_that_hangs_is_cut_off_at_the_timeout():

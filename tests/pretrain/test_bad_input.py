@@ -201,13 +201,14 @@ class _Loader:
 def _two_ranks_take_batches(rank: int, world_size: int) -> dict:
     import torch.distributed as dist
 
-    taken = 0
+    taken, message = 0, None
     try:
         for _ in lockstep_batches(_Loader(rank), dist.group.WORLD):
             taken += 1
     except DataFailure as error:
-        return {"taken": taken, "error": str(error)}
-    return {"taken": taken, "error": None}
+        message = str(error)
+    dist.barrier()  # both ranks are done with the group before either tears it down
+    return {"taken": taken, "error": message}
 
 
 def test_a_data_failure_on_one_rank_stops_every_rank_with_its_message(tmp_path):
