@@ -70,6 +70,9 @@ def _convert(value: Any, kind: Any, where: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        args = typing.get_args(kind)
+        if len(args) == 2 and dataclasses.is_dataclass(args[1]):  # e.g. dict[str, StreamConfig]
+            return {key: _convert(item, args[1], f"{where}.{key}") for key, item in value.items()}
         return dict(value)
     if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)

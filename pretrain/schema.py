@@ -1,9 +1,11 @@
 """The pretraining experiment schema: what ``pretrain/configs/*.yaml`` may contain.
 
-Sections mirror what they configure: ``model`` (encoders and heads), ``objectives`` (loss weights and
-their hyperparameters), ``data`` (shard sources and augmentation), ``optim`` (AdamW and the cosine
-schedule), ``run`` (seed, logging, checkpoints). Micro-batch, accumulation, precision and ZeRO stage are
-NOT here: they come from the DeepSpeed JSON (``ds_configs/``) and are read back from the engine.
+Sections mirror what they configure: ``method`` (a recipe of pretrain/methods.py), ``model`` (encoders
+and heads), ``objectives`` (the objectives to run, each with its weight, start step and own options),
+``distillation`` (momentum copies and the alpha ramp), ``data`` (shard sources, augmentation, extra
+streams), ``optim`` (AdamW and the cosine schedule), ``eval``, ``run`` (seed, logging, checkpoints).
+Micro-batch, accumulation, precision and ZeRO stage are NOT here: they come from the DeepSpeed JSON
+(``ds_configs/``) and are read back from the engine.
 Load with ``pretrain.config.load_config(PretrainConfig, path, overrides)``.
 """
 
@@ -42,33 +44,17 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
-class ObjectivesConfig:
-    itc: float = 1.0                              # loss weights; 0 switches a term off
-    itm: float = 1.0
-    mlm: float = 1.0
-    mlm_probability: float = 0.15
-    queue_size: int = 65536
-    momentum: float = 0.995
-    alpha: float = 0.4
-    alpha_warmup: bool = True                     # ramp alpha linearly over the first epoch
-    temp_min: float = 0.001
-    temp_max: float = 0.5
-    # First training step of a term, e.g. {itm: 300, mlm: 300}: contrastive alignment before the fused
-    # terms. From a random vision encoder, MLM learns fastest by making the image tokens constant (they
-    # are noise to it), which collapses ITC; once ITC has made them informative MLM uses them instead.
-    start_steps: dict = field(default_factory=dict)
+class DistillationConfig:
+    """Momentum distillation, shared by every objective that uses the EMA copies (ALBEF's ITC and MLM)."""
+
+    momentum: float = 0.995                       # EMA rate of the momentum copies (made only when asked for)
+    alpha: float = 0.4                            # weight of the momentum targets
+    alpha_warmup: bool = True                     # ramp alpha linearly over the first epoch (optimizer steps)
 
     def __post_init__(self):
-        for name in ("itc", "itm", "mlm", "queue_size"):
-            require_at_least(getattr(self, name), name, 0)
-        for name in ("mlm_probability", "momentum", "alpha"):
+        for name in ("momentum", "alpha"):
             value = getattr(self, name)
             require(0.0 <= value <= 1.0, name, f"must lie in [0, 1], got {value}")
-        require(0 < self.temp_min <= self.temp_max, "temp_min", f"must be positive and at most temp_max "
-                f"({self.temp_max}), got {self.temp_min}")
-        for term, step in self.start_steps.items():
-            require(isinstance(step, int) and not isinstance(step, bool) and step >= 0, f"start_steps.{term}",
-                    f"must be a step number >= 0, got {step!r}")
 
 
 @dataclass(frozen=True)
@@ -79,6 +65,18 @@ class SourceConfig:
     def __post_init__(self):
         require(bool(self.urls.strip()), "urls", "is empty; give a shard pattern such as train-{000000..000099}.tar")
         require(self.weight > 0, "weight", f"must be positive, got {self.weight}")
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    """A stream of extra batches: its shards, and the share of steps that also take one of its batches."""
+
+    train: list[SourceConfig]
+    probability: float = 1.0
+
+    def __post_init__(self):
+        require(bool(self.train), "train", "lists no shard source")
+        require(0.0 < self.probability <= 1.0, "probability", f"must lie in (0, 1], got {self.probability}")
 
 
 @dataclass(frozen=True)
@@ -93,6 +91,8 @@ class DataConfig:
     randaugment: bool = True
     hflip: bool = True
     hdfs_command: str = "hdfs dfs -cat"
+    # Extra data streams a method reads besides the image-text batches (X-VLM: region batches), by name.
+    streams: dict[str, StreamConfig] = field(default_factory=dict)
 
     def __post_init__(self):
         require_choice(self.mode, "mode", DATA_MODES)
@@ -153,9 +153,12 @@ class RunConfig:
 
 @dataclass(frozen=True)
 class PretrainConfig:
-    method: str = "albef"                         # a key of pretrain.build.TASKS
+    method: str = "albef"                         # a key of pretrain.methods.METHODS
     model: ModelConfig = field(default_factory=ModelConfig)
-    objectives: ObjectivesConfig = field(default_factory=ObjectivesConfig)
+    # name -> {weight, start_step, class_path, the objective's own options}; empty: the method's defaults.
+    # Validated against each objective's options by pretrain.methods.resolve_objectives when read.
+    objectives: dict = field(default_factory=dict)
+    distillation: DistillationConfig = field(default_factory=DistillationConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)

@@ -7,9 +7,8 @@ are those of ALBEF's released checkpoints (``visual_encoder.*``, ``text_encoder.
 
     model = build_albef("vit_base_patch16_224", 256, "bert-base-uncased/", fusion_layer=6)
     reports = load_pretrained_encoders(model, vision_weights="deit_base.pth", bert_dir="bert-base-uncased/")
-    image_tokens, image_feat = model.image_embeddings(images)
-    text_hidden, text_feat = model.text_embeddings(input_ids, attention_mask)
-    itm_logits = model.itm_head(model.fused_cls(text_hidden, attention_mask, image_tokens))
+    encoded = model.encode(images, input_ids, attention_mask)       # .image_tokens, .image_feat, .text_hidden, ...
+    itm_logits = model.itm_head(model.fused_cls(encoded.text_hidden, attention_mask, encoded.image_tokens))
 
 A released ``ALBEF.pth`` loads with::
 
@@ -25,11 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pretrain.models.encoded import FINAL_ONLY, TOWERS, Encoded, Wants, encode
 from pretrain.models.text import FusionBert, load_bert_config, load_text_weights
 from pretrain.models.vision import VisionEncoder, build_vision_encoder, interpolate_pos_embed, load_vision_weights
 
-# Online modules that ALBEF keeps momentum (EMA) copies of, saved as ``<name>_m.*``.
-MOMENTUM_MODULES = ("visual_encoder", "vision_proj", "text_encoder", "text_proj")
 # Buffers of ALBEF's feature queues (``idx_queue`` only in retrieval checkpoints).
 QUEUE_KEYS = ("image_queue", "text_queue", "queue_ptr", "idx_queue")
 POSITION_IDS_SUFFIX = ".embeddings.position_ids"
@@ -56,6 +54,11 @@ class ALBEFModel(nn.Module):
         # Shape [1], not ALBEF's 0-d: DeepSpeed's parameter broadcast cannot view a 0-d tensor as
         # bytes. The key maps below convert at the checkpoint boundary.
         self.temp = nn.Parameter(torch.tensor([float(temp)]))
+
+    def encode(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+               wants: Wants = FINAL_ONLY) -> Encoded:
+        """Both towers on one batch, as the record every objective reads (``pretrain.models.encoded``)."""
+        return encode(self, images, input_ids, attention_mask, wants)
 
     def image_embeddings(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``images`` [B, 3, H, W] -> (tokens [B, 1+N, D], L2-normalised projected CLS [B, embed_dim])."""
@@ -117,7 +120,7 @@ def load_pretrained_encoders(model: ALBEFModel, *, vision_weights: str | None, b
 
 def _momentum_module(key: str) -> str | None:
     head = key.split(".", 1)[0]
-    if head.endswith("_m") and head[: -len("_m")] in MOMENTUM_MODULES:
+    if head.endswith("_m") and head[: -len("_m")] in TOWERS:
         return head
     return None
 
@@ -170,8 +173,8 @@ def to_albef_state_dict(model_state: dict, momentum_state: dict | None = None, q
         albef_state["temp"] = albef_state["temp"].reshape(())
     for key, value in (momentum_state or {}).items():
         module, rest = key.split(".", 1)
-        if module not in MOMENTUM_MODULES:
-            raise ValueError(f"momentum key {key!r} is not under one of {MOMENTUM_MODULES}")
+        if module not in TOWERS:
+            raise ValueError(f"momentum key {key!r} is not under one of {TOWERS}")
         albef_state[f"{module}_m.{rest}"] = value
     albef_state.update(queue_state or {})
     for prefix in ("text_encoder", "text_encoder_m"):

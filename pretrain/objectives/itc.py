@@ -31,7 +31,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from pretrain.config import ConfigError, require, require_at_least
+from pretrain.models.encoded import TOWERS, Encoded
+from pretrain.objectives.base import BuildContext, Needs, Objective, StepContext
 from pretrain.objectives.distributed import all_gather_with_grad, world
+from pretrain.objectives.momentum import FeatureQueue
 
 
 @dataclass
@@ -161,3 +165,86 @@ def contrastive_loss_in_batch(
     loss_i2t = F.cross_entropy(image_feat @ all_text.T / temp_float, labels)
     loss_t2i = F.cross_entropy(text_feat @ all_image.T / temp_float, labels)
     return (loss_i2t + loss_t2i) / 2
+
+
+@dataclass(frozen=True)
+class ITCConfig:
+    """``objectives.itc`` options. ALBEF: momentum targets and a 65,536 queue; X-VLM and the in-batch
+    variants: ``momentum_distillation: false`` (negatives gathered from every rank, no EMA, no queue)."""
+
+    queue_size: int = 65536
+    momentum_distillation: bool = True
+    temp_min: float = 0.001                       # the learnable temperature is clamped to [min, max] each step
+    temp_max: float = 0.5
+
+    def __post_init__(self):
+        require_at_least(self.queue_size, "queue_size", 0)
+        require(0 < self.temp_min <= self.temp_max, "temp_min",
+                f"must be positive and at most temp_max ({self.temp_max}), got {self.temp_min}")
+
+
+class ITC(Objective):
+    """Image-text contrastive loss on the projected [CLS] features; term ``itc``.
+
+    Leaves its in-batch similarities (online rows, momentum or online columns, divided by the temperature)
+    in ``step.shared["itc_similarity"]`` for the objectives after it (ITM draws hard negatives from them).
+    """
+
+    Config = ITCConfig
+    terms = ("itc",)
+
+    def __init__(self, config: ITCConfig, build: BuildContext):
+        super().__init__(config, build)
+        self.queues: tuple[FeatureQueue, FeatureQueue] | None = None
+        if config.momentum_distillation:
+            if config.queue_size % build.global_batch:
+                raise ConfigError(
+                    f"objectives.itc.queue_size={config.queue_size} is not divisible by the global batch "
+                    f"{build.global_batch} (micro-batch x world size); pick a multiple, e.g. "
+                    f"{max(1, config.queue_size // build.global_batch) * build.global_batch}")
+            model = build.model
+            # Plain tensors, not buffers: never cast to bf16/fp16 or partitioned by ZeRO; saved by the task.
+            self.queues = (FeatureQueue(model.vision_proj.out_features, config.queue_size),
+                           FeatureQueue(model.text_proj.out_features, config.queue_size))
+
+    def needs(self) -> Needs:
+        return Needs(momentum=TOWERS) if self.config.momentum_distillation else Needs()
+
+    def forward(self, encoded: Encoded, encoded_m: Encoded | None, batch: dict,
+                step: StepContext) -> dict[str, torch.Tensor]:
+        model = step.model
+        model.clamp_temperature(self.config.temp_min, self.config.temp_max)
+        temp = model.temp.float()
+        if self.queues is None:
+            loss = contrastive_loss_in_batch(encoded.image_feat, encoded.text_feat, temp)
+            with torch.no_grad():
+                similarity = encoded.image_feat.float() @ encoded.text_feat.float().T / temp
+            step.shared["itc_similarity"] = (similarity, similarity.T)
+            return {"itc": loss}
+        image_queue, text_queue = self.queues
+        image_feat_m, text_feat_m = encoded_m.image_feat.float(), encoded_m.text_feat.float()
+        output = itc_loss(encoded.image_feat.float(), encoded.text_feat.float(), image_feat_m, text_feat_m,
+                          image_queue.features, text_queue.features, temp, step.alpha)
+        step.shared["itc_similarity"] = (output.in_batch_sim_i2t, output.in_batch_sim_t2i)
+        if step.training:
+            image_queue.enqueue(image_feat_m)
+            text_queue.enqueue(text_feat_m)
+        return {"itc": output.loss}
+
+    def place(self, device: torch.device) -> None:
+        for queue in self.queues or ():
+            queue.to(device)
+
+    def extra_state_dict(self) -> dict:
+        if self.queues is None:
+            return {}
+        return {"image_queue": self.queues[0].state_dict(), "text_queue": self.queues[1].state_dict()}
+
+    def load_extra_state_dict(self, state: dict) -> None:
+        if (self.queues is None) != (not state):
+            raise KeyError(f"objectives.itc: the checkpoint {'has' if state else 'lacks'} feature queues, "
+                           f"this run {'does not use' if self.queues is None else 'uses'} them "
+                           "(objectives.itc.momentum_distillation differs)")
+        if self.queues is not None:
+            self.queues[0].load_state_dict(state["image_queue"])
+            self.queues[1].load_state_dict(state["text_queue"])

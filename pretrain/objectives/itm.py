@@ -36,6 +36,9 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from pretrain.models.encoded import Encoded
+from pretrain.objectives.base import Objective, StepContext
+
 
 class HardNegatives(NamedTuple):
     """Unpacks as ``(negative_image_index, negative_text_index)``."""
@@ -139,3 +142,33 @@ def itm_loss(logits: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor | N
     valid = valid.to(device=losses.device, dtype=losses.dtype)
     # Positives are always valid, so the count is at least B >= 1.
     return (losses * valid).sum() / valid.sum().clamp_min(1.0)
+
+
+class ITM(Objective):
+    """Image-text matching on the fused [CLS] with hard negatives from the local batch; term ``itm``.
+
+    Negatives are drawn from ITC's in-batch similarities of the same step when ITC ran before it (ALBEF);
+    otherwise from the online features' similarities.
+    """
+
+    terms = ("itm",)
+
+    def forward(self, encoded: Encoded, encoded_m: Encoded | None, batch: dict,
+                step: StepContext) -> dict[str, torch.Tensor]:
+        model = step.model
+        image_tokens, text_hidden, attention_mask = encoded.image_tokens, encoded.text_hidden, encoded.attention_mask
+        batch_size = image_tokens.shape[0]
+        if "itc_similarity" in step.shared:
+            sim_i2t, sim_t2i = step.shared["itc_similarity"]
+        else:
+            with torch.no_grad():
+                sim_i2t = encoded.image_feat.float() @ encoded.text_feat.float().T / model.temp.float()
+                sim_t2i = sim_i2t.T
+        with torch.no_grad():
+            negative_image, negative_text = sample_hard_negatives(
+                sim_i2t.float(), sim_t2i.float(), diagonal_exclusion(batch_size, image_tokens.device))
+        texts = torch.cat([text_hidden, text_hidden, text_hidden[negative_text]])
+        masks = torch.cat([attention_mask, attention_mask, attention_mask[negative_text]])
+        images = torch.cat([image_tokens, image_tokens[negative_image], image_tokens])
+        logits = model.itm_head(model.fused_cls(texts, masks, images))
+        return {"itm": itm_loss(logits.float(), itm_labels(batch_size).to(logits.device))}

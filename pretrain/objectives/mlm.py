@@ -28,9 +28,14 @@ Tests: ``.venv/bin/python -m pytest -q tests/pretrain/objectives/test_mlm.py``.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from pretrain.config import require
+from pretrain.models.encoded import Encoded
+from pretrain.objectives.base import BuildContext, Needs, Objective, StepContext
 
 IGNORE_INDEX = -100
 
@@ -107,3 +112,48 @@ def mlm_loss(
     soft_targets = F.softmax(logits_m.detach()[scored].float(), dim=-1)
     distill = -(log_probabilities * soft_targets).sum(dim=-1).mean()
     return (1.0 - alpha) * cross_entropy + alpha * distill
+
+
+@dataclass(frozen=True)
+class MLMConfig:
+    """``objectives.mlm`` options."""
+
+    probability: float = 0.15                     # share of text tokens chosen for prediction
+
+    def __post_init__(self):
+        require(0.0 <= self.probability <= 1.0, "probability", f"must lie in [0, 1], got {self.probability}")
+
+
+class MLM(Objective):
+    """Masked language modelling through every text layer, the fusion layers reading the image; term ``mlm``.
+
+    With momentum distillation (``distillation.alpha`` > 0) the momentum text encoder, reading the momentum
+    image tokens, gives the soft targets, as ALBEF.
+    """
+
+    Config = MLMConfig
+    terms = ("mlm",)
+
+    def __init__(self, config: MLMConfig, build: BuildContext):
+        super().__init__(config, build)
+        tokenizer = build.tokenizer
+        self.special = {"vocab_size": tokenizer.vocab_size, "mask_token_id": tokenizer.mask_token_id,
+                        "pad_token_id": tokenizer.pad_token_id, "cls_token_id": tokenizer.cls_token_id}
+        self.distill = build.distillation_alpha > 0
+
+    def needs(self) -> Needs:
+        return Needs(momentum=("visual_encoder", "text_encoder")) if self.distill else Needs()
+
+    def forward(self, encoded: Encoded, encoded_m: Encoded | None, batch: dict,
+                step: StepContext) -> dict[str, torch.Tensor]:
+        masked_ids, labels = mask_tokens(batch["input_ids"], probability=self.config.probability, **self.special)
+        text_encoder = step.model.text_encoder
+        logits = text_encoder.mlm_logits(text_encoder(masked_ids, encoded.attention_mask, encoded.image_tokens))
+        logits_m = None
+        if step.alpha > 0 and self.distill:
+            with torch.no_grad(), step.autocast(encoded_m.image_tokens):
+                text_encoder_m = step.momentum.text_encoder
+                logits_m = text_encoder_m.mlm_logits(text_encoder_m(masked_ids, encoded.attention_mask,
+                                                                    encoded_m.image_tokens))
+        return {"mlm": mlm_loss(logits.float(), labels, logits_m.float() if logits_m is not None else None,
+                                step.alpha)}

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -172,6 +173,10 @@ class MomentumCopy:
 
     def names(self) -> list[str]:
         return list(self.modules)
+
+    def towers(self) -> SimpleNamespace:
+        """The copies by attribute (``.visual_encoder``, ...), the shape ``pretrain.models.encoded.encode`` reads."""
+        return SimpleNamespace(**self.modules)
 
     def _pairs(self, online: dict[str, nn.Module]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         if set(online) != set(self.modules):

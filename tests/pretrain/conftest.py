@@ -49,7 +49,7 @@ def tiny_shards(tmp_path_factory) -> dict:
 def write_experiment(directory: Path, shards: dict, **sections) -> Path:
     config = {
         "model": dict(TINY_MODEL),
-        "objectives": {"queue_size": 64},
+        "objectives": {"itc": {"queue_size": 64}, "itm": {}, "mlm": {}},
         "data": {"train": [{"urls": shards["train"]}], "mode": "resampled", "samples_per_epoch": 64,
                  "num_workers": 1, "shuffle_buffer": 16, "decoder": "pil"},
         "optim": {"lr": 1e-3, "warmup_steps": 2, "epochs": 2},

@@ -1,0 +1,109 @@
+"""Methods as recipes: one table maps ``method:`` in a pretraining config to what that method brings.
+
+A recipe names the objectives a method runs when the config lists none, the batch adapter that the loader
+workers apply to every batch (cleaning, tokenisation, any extra tensors the method's objectives read), the
+transform options its images need (region crop, careful flip) and the extra data streams it draws besides
+the image-text batches (X-VLM's region batches). ``pretrain/train.py`` reads a recipe and names nothing of
+any method itself::
+
+    recipe = METHODS[config.method]
+    specs = resolve_objectives(config)        # the config's objectives, or the recipe's, validated
+    adapter = recipe.batch_adapter(tokenizer, config)
+
+Adding a method is one entry here plus its config (``pretrain/configs/<method>.yaml``); see the README's
+"Adding a method".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from pretrain.config import ConfigError, from_mapping
+from pretrain.objectives import objective_class
+from pretrain.objectives.base import Objective
+from pretrain.schema import PretrainConfig
+from pretrain.text_processing import TokenizeBatch
+
+# Keys of an ``objectives.<name>`` entry that the task applies itself; every other key is the objective's.
+COMMON_KEYS = ("weight", "start_step", "class_path")
+
+
+@dataclass(frozen=True)
+class Stream:
+    """An extra data stream of a method: batches of ``data.streams.<name>`` shards, adapted its own way."""
+
+    batch_adapter: Callable                        # (tokenizer, config) -> callable on a collated batch
+    transform: dict = field(default_factory=dict)  # extra data_shards.boxes.TransformConfig fields
+
+
+@dataclass(frozen=True)
+class Method:
+    objectives: dict[str, dict]                    # default objectives: name -> entry (as in the YAML)
+    batch_adapter: Callable                        # (tokenizer, config) -> callable on a collated batch
+    transform: dict = field(default_factory=dict)  # extra data_shards.boxes.TransformConfig fields
+    streams: dict[str, Stream] = field(default_factory=dict)
+
+
+def albef_batch(tokenizer, config: PretrainConfig) -> TokenizeBatch:
+    """ALBEF's caption cleaning and ``[CLS] x`` tokenisation, in the loader workers."""
+    return TokenizeBatch(tokenizer)
+
+
+METHODS: dict[str, Method] = {
+    "albef": Method(objectives={"itc": {}, "itm": {}, "mlm": {}}, batch_adapter=albef_batch),
+}
+
+
+@dataclass(frozen=True)
+class ObjectiveSpec:
+    """One objective of a run, validated: its class, its options, and how the task weighs it."""
+
+    name: str
+    cls: type[Objective]
+    options: object                                # an instance of cls.Config
+    weight: float = 1.0
+    start_step: int = 0                            # the first optimizer step (0-based) it runs at
+
+
+def method_of(config: PretrainConfig) -> Method:
+    if config.method not in METHODS:
+        raise ConfigError(f"method {config.method!r} is not known; choose one of {', '.join(METHODS)}")
+    return METHODS[config.method]
+
+
+def resolve_objectives(config: PretrainConfig) -> list[ObjectiveSpec]:
+    """The run's objectives in the order listed (the method's defaults when the config lists none), every
+    option checked against the objective's own ``Config``; errors name ``objectives.<name>.<key>``."""
+    method = method_of(config)
+    entries = config.objectives or method.objectives
+    specs = []
+    for name, entry in entries.items():
+        if not name.isidentifier():
+            raise ConfigError(f"objectives.{name}: an objective's name must be a Python identifier")
+        if entry is None:
+            entry = {}
+        if not isinstance(entry, dict):
+            raise ConfigError(f"objectives.{name}: expected a mapping of options such as {{weight: 1.0}}, "
+                              f"got {entry!r}")
+        options = {key: value for key, value in entry.items() if key not in COMMON_KEYS}
+        common = {key: entry[key] for key in COMMON_KEYS if key in entry}
+        cls = objective_class(name, common.get("class_path"))
+        weight, start_step = common.get("weight", 1.0), common.get("start_step", 0)
+        if isinstance(weight, bool) or not isinstance(weight, int | float) or weight < 0:
+            raise ConfigError(f"objectives.{name}.weight: must be a number >= 0, got {weight!r}")
+        if isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0:
+            raise ConfigError(f"objectives.{name}.start_step: must be a step number >= 0, got {start_step!r}")
+        specs.append(ObjectiveSpec(name, cls, from_mapping(cls.Config, options, f"objectives.{name}"),
+                                   float(weight), start_step))
+    running = [spec for spec in specs if spec.weight > 0]
+    if not running:
+        raise ConfigError("objectives: every listed objective has weight 0; nothing would be trained")
+    if all(spec.start_step > 0 for spec in running):
+        raise ConfigError("objectives: no objective runs from step 0 (start_step); the first steps would have "
+                          "no loss")
+    streams = set(config.data.streams)
+    if streams != set(method.streams):
+        raise ConfigError(f"data.streams lists {sorted(streams) or 'none'}, method {config.method!r} reads "
+                          f"{sorted(method.streams) or 'none'}")
+    return specs
