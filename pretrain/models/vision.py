@@ -106,7 +106,8 @@ class VisionEncoder(VisionTransformer):
 
         ``keep`` [B, K] (int64 patch indices in 0..N-1, row-major) keeps only those patches per sample, in
         that order, after the position embedding, so each kept patch carries its own position; CLS always
-        stays first (MAE's encoder input): [B, 1+K, D].
+        stays first (MAE's encoder input): [B, 1+K, D]. CLS keeps its position embedding too, as in MAE and
+        the plain forward (ViCHA's MAE pass prepends the bare ``cls_token``).
 
         ``extra_tokens`` [B, E, D] are appended after everything else, as given: no position embedding,
         no pre-norm (ViCHA's visual-concept tokens): every block then sees [CLS, patches, extra].
