@@ -26,11 +26,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from data_shards.boxes import TransformConfig  # noqa: E402
 from data_shards.loader import StreamingLoader  # noqa: E402
-from pretrain.build import build_task, ds_config_for, seed_everything  # noqa: E402
+from pretrain.build import build_task, seed_everything  # noqa: E402
 from pretrain.config import load_config  # noqa: E402
+from pretrain.engine import ds_config_for, plan_steps  # noqa: E402
+from pretrain.methods import method_of, resolve_objectives  # noqa: E402
 from pretrain.schema import PretrainConfig  # noqa: E402
-from pretrain.tasks.albef import parameter_groups  # noqa: E402
-from pretrain.text_processing import TokenizeBatch  # noqa: E402
 
 
 def timed_steps(step, batches, repeats: int) -> list[float]:
@@ -60,19 +60,22 @@ def main() -> int:
 
     deepspeed.init_distributed()
     config = load_config(PretrainConfig, args.config)
+    specs = resolve_objectives(config)
     ds_config, _ = ds_config_for(args.deepspeed_config, config.optim)
     micro = ds_config["train_micro_batch_size_per_gpu"]
+    plan = plan_steps(ds_config, 100 * micro, 1, config.optim, None)
 
     seed_everything(0)
-    plain_task, tokenizer = build_task(config, micro, 100)
+    plain_task, tokenizer = build_task(config, specs, plan)
     seed_everything(0)
-    engine_task, _ = build_task(config, micro, 100)
+    engine_task, _ = build_task(config, specs, plan)
     engine, _, _, _ = deepspeed.initialize(model=engine_task, config=ds_config,
-                                           model_parameters=parameter_groups(engine_task, config.optim.weight_decay))
-    optimizer = torch.optim.AdamW(parameter_groups(plain_task, config.optim.weight_decay), lr=config.optim.lr)
+                                           model_parameters=engine_task.parameter_groups(config.optim.weight_decay))
+    optimizer = torch.optim.AdamW(plain_task.parameter_groups(config.optim.weight_decay), lr=config.optim.lr)
 
     loader = StreamingLoader(args.shards, TransformConfig(image_size=config.model.image_size), batch_size=micro,
-                             num_workers=0, mode="resampled", decoder="pil", postprocess=TokenizeBatch(tokenizer))
+                             num_workers=0, mode="resampled", decoder="pil",
+                             postprocess=method_of(config).batch_adapter(tokenizer, config))
     stream = iter(loader)
     batches = [next(stream) for _ in range(args.steps)]
 

@@ -31,6 +31,8 @@ from pretrain.export import albef_state_dict, consolidated_module_state
 from pretrain.models import LoadReport, read_state_dict
 from pretrain.models.albef import from_albef_state_dict
 
+OBJECTIVE_PREFIX = "objectives."
+
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not fit the model; the message says what to do."""
@@ -85,7 +87,8 @@ def backbone_state(checkpoint: Checkpoint, num_patches: int | None) -> dict[str,
     except (OSError, ValueError, RuntimeError) as error:
         raise CheckpointError(f"cannot read checkpoint {checkpoint.describe()}: {error}") from None
     model_state, _momentum, _queues = from_albef_state_dict(state, num_patches=num_patches)
-    return model_state
+    # Heads of pretraining objectives (objectives.<name>.*) serve pretraining only; tasks bring their own.
+    return {name: value for name, value in model_state.items() if not name.startswith(OBJECTIVE_PREFIX)}
 
 
 def task_state(checkpoint: Checkpoint) -> dict[str, torch.Tensor]:

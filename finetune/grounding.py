@@ -38,18 +38,13 @@ import torch
 from torch import nn
 
 from finetune import checkpoints
-from finetune.loop import DataError, TaskSpec, build_backbone, eval_transform, load_weights, run
-from finetune.metrics.grounding import (
-    accuracy_at_iou,
-    cxcywh_to_xyxy,
-    generalized_box_iou,
-    pick_proposal,
-    resize_heatmap,
-    xyxy_to_cxcywh,
-)
+from finetune.loop import DataError, TaskSpec, eval_transform, load_weights, run
+from finetune.metrics.grounding import accuracy_at_iou, pick_proposal, resize_heatmap
 from finetune.retrieval import RetrievalTask
 from finetune.schema import FinetuneConfig
+from pretrain.build import build_backbone
 from pretrain.config import ConfigError, from_mapping, load_config
+from pretrain.objectives.box import BoxHead, box_losses, cxcywh_to_xyxy, xyxy_to_cxcywh
 from pretrain.text_processing import pre_caption
 
 MODES = ("gradcam", "box")
@@ -210,28 +205,6 @@ class GradcamGroundingTask(RetrievalTask):
         return predictions
 
 
-class BoxHead(nn.Module):
-    """X-VLM's ``bbox_head``: Linear(H, 2H) -> LayerNorm -> GELU -> Linear(2H, 4), sigmoid (cx, cy, w, h)."""
-
-    def __init__(self, hidden_size: int):
-        super().__init__()
-        self.layers = nn.Sequential(nn.Linear(hidden_size, 2 * hidden_size), nn.LayerNorm(2 * hidden_size),
-                                    nn.GELU(), nn.Linear(2 * hidden_size, 4))
-
-    def forward(self, fused_cls: torch.Tensor) -> torch.Tensor:
-        return self.layers(fused_cls).sigmoid()
-
-
-def box_losses(predicted: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> dict:
-    """X-VLM's box losses over the ``valid`` samples: L1 summed over the 4 normalised cxcywh coordinates, and
-    1 - GIoU of the boxes, each averaged over the valid samples (zero, with a graph, when none is)."""
-    weights = valid.to(predicted.dtype)
-    count = weights.sum().clamp(min=1)
-    l1 = (predicted - target).abs().sum(dim=-1)
-    giou = 1 - generalized_box_iou(cxcywh_to_xyxy(predicted), cxcywh_to_xyxy(target))
-    return {"l1": (l1 * weights).sum() / count, "giou": (giou * weights).sum() / count}
-
-
 class BoxGroundingTask(nn.Module):
     """X-VLM grounding: forward(batch) -> {"loss", "l1", "giou"}; the backbone is ``model``."""
 
@@ -339,7 +312,7 @@ def _visualize(args: argparse.Namespace) -> str:
         picture = decode_image(data)
     except ValueError as error:
         raise DataError(f"image {args.image!r}: {error}") from None
-    model, tokenizer = build_backbone(config)
+    model, tokenizer = build_backbone(config.model)
     module = build_task(model, tokenizer, options)
     load_weights(module, SPEC, config, args.checkpoint, SimpleNamespace(note=lambda text: None))
     module.eval()

@@ -39,16 +39,15 @@ from data_shards.sizes import ShardSourceError, SizesUnknown, check_sources
 from data_shards.transforms import PilTransform, collate
 from finetune import checkpoints
 from finetune.schema import FinetuneConfig
-from pretrain.build import ds_config_for, lr_schedule, samples_in, seed_everything
+from pretrain.build import build_backbone, samples_in, seed_everything
 from pretrain.checkpoint import OutputNotWritable, atomic_write_text, check_writable
-from pretrain.config import ConfigError, config_to_dict, from_mapping, load_config, resolve_path, save_config
+from pretrain.config import ConfigError, config_to_dict, from_mapping, load_config, save_config
+from pretrain.engine import StepPlan, ds_config_for, plan_steps, start_engine
 from pretrain.lockstep import DataFailure, control_group, lockstep_batches
 from pretrain.metrics_log import MetricsLog
-from pretrain.models.albef import build_albef
-from pretrain.models.text import build_tokenizer
+from pretrain.runtime import cpu_thread_notes, is_first_rank, release_shared_memory, to_device
 from pretrain.safe_loading import restricted_unpickling
-from pretrain.tasks.albef import parameter_groups
-from pretrain.train import cpu_thread_notes, is_first_rank, release_shared_memory, to_device
+from pretrain.task import parameter_groups
 
 DEFAULT_DS_CONFIG = "ds_configs/zero0_fp32.json"
 BEST_TAG = "best"
@@ -201,21 +200,6 @@ def _train_loader(config: FinetuneConfig, spec: TaskSpec, adapter, micro_batch: 
                            postprocess=adapter, hdfs_command=data.hdfs_command)
 
 
-def build_backbone(config: FinetuneConfig):
-    model_config = config.model
-    bert_dir = resolve_path(model_config.bert_dir)
-    if not os.path.isfile(os.path.join(bert_dir, "config.json")):
-        raise ConfigError(f"model.bert_dir={model_config.bert_dir!r}: no config.json in {bert_dir}")
-    model = build_albef(model_config.vision, model_config.image_size, bert_dir, model_config.fusion_layer,
-                        embed_dim=model_config.embed_dim, vision_overrides=dict(model_config.vision_overrides),
-                        text_overrides=dict(model_config.text_overrides), temp=model_config.temp)
-    if model_config.grad_checkpointing:
-        model.set_grad_checkpointing(True)
-    tokenizer = build_tokenizer(bert_dir, max_length=model_config.max_text_length,
-                                trailing_sep=model_config.trailing_sep)
-    return model, tokenizer
-
-
 def load_weights(task_module, spec: TaskSpec, config: FinetuneConfig, path: str, log: MetricsLog,
                  trusted: bool = False) -> str:
     source = checkpoints.open_checkpoint(path, trusted)
@@ -268,35 +252,28 @@ def finetune(spec: TaskSpec, args: argparse.Namespace) -> dict:
     rank, world = dist.get_rank(), dist.get_world_size()
     checkpoint_dir = os.path.join(output_dir, "checkpoints")
     ds_config, notes = ds_config_for(args.deepspeed_config, config.optim)
-    micro_batch = ds_config["train_micro_batch_size_per_gpu"]
-    accumulation = ds_config.get("gradient_accumulation_steps", 1)
     log = MetricsLog(output_dir, enabled=rank == 0, label=f"finetune.{spec.name}")
     for note in notes + cpu_thread_notes():
         log.note(note)
 
     seed_everything(config.run.seed)
-    model, tokenizer = build_backbone(config)
+    model, tokenizer = build_backbone(config.model)
     task_module = spec.build(model, tokenizer, options)
     checkpoint_used = load_weights(task_module, spec, config, args.checkpoint, log, args.trust_checkpoint)
     seed_everything(config.run.seed + rank)
 
-    steps_per_epoch = 1
-    if not args.evaluate:
-        samples = config.data.train_samples or samples_in(config.data.train, setting="data.train_samples")
-        steps_per_epoch = samples // (micro_batch * world * accumulation)
-        if steps_per_epoch < 1:
-            raise ConfigError(f"{samples} training samples give no full step of {micro_batch} x {world} ranks")
-    schedule_steps = config.optim.epochs * steps_per_epoch
-    engine, _, _, _ = deepspeed.initialize(
-        model=task_module, model_parameters=parameter_groups(task_module, config.optim.weight_decay),
-        config=ds_config,
-        lr_scheduler=lambda optimizer: lr_schedule(optimizer, config.optim, steps_per_epoch, schedule_steps))
+    one_step = ds_config["train_micro_batch_size_per_gpu"] * world * ds_config.get("gradient_accumulation_steps", 1)
+    samples = one_step if args.evaluate else (
+        config.data.train_samples or samples_in(config.data.train, setting="data.train_samples"))
+    plan = plan_steps(ds_config, samples, world, config.optim, config.run.max_steps)
+    engine = start_engine(task_module, parameter_groups(task_module, config.optim.weight_decay), ds_config,
+                          config.optim, plan)
     if rank == 0:
         save_config(config, os.path.join(output_dir, "config.yaml"))
     dist.barrier()
     results = {"task": spec.name, "checkpoint": checkpoint_used, "metric": spec.metric, "world_size": world}
     if not args.evaluate:
-        results.update(train(spec, engine, config, options, tokenizer, steps_per_epoch, schedule_steps, log,
+        results.update(train(spec, engine, config, options, tokenizer, plan, log,
                              checkpoint_dir))
     final_split, final_urls = ("test", config.data.test) if config.data.test else ("val", config.data.val)
     if not final_urls:
@@ -311,11 +288,10 @@ def finetune(spec: TaskSpec, args: argparse.Namespace) -> dict:
     return results
 
 
-def train(spec, engine, config, options, tokenizer, steps_per_epoch, schedule_steps, log, checkpoint_dir) -> dict:
+def train(spec, engine, config, options, tokenizer, plan: StepPlan, log, checkpoint_dir) -> dict:
     rank = dist.get_rank()
-    micro_batch = engine.train_micro_batch_size_per_gpu()
-    loader = _train_loader(config, spec, spec.adapter(tokenizer, options, True), micro_batch)
-    total_steps = min(schedule_steps, config.run.max_steps or schedule_steps)
+    loader = _train_loader(config, spec, spec.adapter(tokenizer, options, True), plan.micro_batch)
+    total_steps, steps_per_epoch = plan.total_steps, plan.steps_per_epoch
     progress = tqdm(total=total_steps, disable=rank != 0, desc=f"finetune {spec.name}", unit="step", file=sys.stderr)
     best, history, losses = None, [], {}
     batches = lockstep_batches(loader, control_group())

@@ -18,6 +18,8 @@ import json
 import os
 import sys
 
+from pretrain.report import merge_into_summary
+
 
 def _target(name: str, split: dict, value: float, chance: float) -> tuple[str, bool]:
     if name == "retrieval":
@@ -56,14 +58,7 @@ def collect(runs_dir: str) -> dict:
 
 def summarize(runs_dir: str, summary_path: str) -> dict:
     entries = collect(runs_dir)
-    summary = {}
-    if os.path.exists(summary_path):
-        with open(summary_path) as handle:
-            summary = json.load(handle)
-    summary["finetune"] = entries
-    os.makedirs(os.path.dirname(os.path.abspath(summary_path)), exist_ok=True)
-    with open(summary_path, "w") as handle:
-        json.dump(summary, handle, indent=2)
+    merge_into_summary(summary_path, "finetune", entries)
     return entries
 
 

@@ -27,13 +27,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from finetune.loop import DataError, EvalContext, TaskSpec, eval_transform, run
-from pretrain.objectives.distributed import all_gather_with_grad
+from pretrain.objectives.itc import contrastive_loss_in_batch
 from pretrain.objectives.itm import itm_labels, itm_loss, itm_valid_mask, same_image_exclusion, sample_hard_negatives
-from pretrain.retrieval_eval import chance_r1, retrieval_metrics
+from pretrain.retrieval_eval import chance_r1, load_split, retrieval_metrics
 from pretrain.text_processing import pre_caption
 
 
@@ -85,22 +84,12 @@ class RetrievalTask(nn.Module):
         model.text_encoder.cls = None  # the MLM head is not used by retrieval
 
     def forward(self, batch: dict) -> dict:
-        model = self.model
-        dtype = model.vision_proj.weight.dtype
-        image_tokens, image_feat = model.image_embeddings(batch["image"].to(dtype))
-        text_hidden, text_feat = model.text_embeddings(batch["input_ids"], batch["attention_mask"])
+        encoded = self.model.encode(batch["image"], batch["input_ids"], batch["attention_mask"])
         ids = batch["image_id"]
-        image_all = all_gather_with_grad(image_feat.float())
-        text_all = all_gather_with_grad(text_feat.float())
-        ids_all = _gather_ids(ids)
-        positives = (ids[:, None] == ids_all[None, :]).float()
-        targets = positives / positives.sum(dim=1, keepdim=True)
-        temp = model.temp.float()
-        loss_i2t = -(F.log_softmax(image_feat.float() @ text_all.T / temp, dim=1) * targets).sum(1).mean()
-        loss_t2i = -(F.log_softmax(text_feat.float() @ image_all.T / temp, dim=1) * targets).sum(1).mean()
-        losses = {"itc": (loss_i2t + loss_t2i) / 2}
+        losses = {"itc": contrastive_loss_in_batch(encoded.image_feat, encoded.text_feat, self.model.temp, ids)}
         if self.options.itm_weight:
-            losses["itm"] = self._itm(image_tokens, image_feat, text_hidden, text_feat, batch["attention_mask"], ids)
+            losses["itm"] = self._itm(encoded.image_tokens, encoded.image_feat, encoded.text_hidden,
+                                      encoded.text_feat, batch["attention_mask"], ids)
         losses["loss"] = losses["itc"] + self.options.itm_weight * losses.get("itm", 0.0)
         return losses
 
@@ -117,30 +106,11 @@ class RetrievalTask(nn.Module):
         return itm_loss(logits.float(), itm_labels(batch_size, logits.device), itm_valid_mask(exclude))
 
 
-def _gather_ids(ids: torch.Tensor) -> torch.Tensor:
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return ids
-    parts = [torch.empty_like(ids) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, ids.contiguous())
-    return torch.cat(parts)
-
-
 def _read_split(context: EvalContext):
-    from data_shards.reader import ShardReader
-    from data_shards.transforms import PilTransform
-
-    transform = PilTransform(eval_transform(context.image_size, context.transform))
-    images, texts, img2txt, txt2img = [], [], [], []
-    for sample in ShardReader(context.urls, rank=0, world_size=1, shard_shuffle=False):
-        item = transform(sample)
-        captions = item["meta"].get("captions") or [item["text"]]
-        images.append(item["image"])
-        img2txt.append(list(range(len(texts), len(texts) + len(captions))))
-        txt2img.extend([len(images) - 1] * len(captions))
-        texts.extend(pre_caption(caption) for caption in captions)
-    if not images:
-        raise DataError(f"{context.split} split {context.urls!r} holds no sample")
-    return images, texts, img2txt, txt2img
+    try:
+        return load_split(context.urls, eval_transform(context.image_size, context.transform))
+    except ValueError as error:
+        raise DataError(f"{context.split} split: {error}") from None
 
 
 @torch.no_grad()

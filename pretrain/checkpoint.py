@@ -5,7 +5,7 @@ Layout of ``OUTPUT/checkpoints/``::
     latest                         # the tag of the last COMPLETE checkpoint (written last, atomically)
     global_step500/                # DeepSpeed's files (model/optimizer states, any ZeRO stage)
         client_rank000.pt ...      # per rank: step, epoch, loader position, RNG states
-        task_state.pt              # rank 0: momentum encoders, queues, task step (identical on all ranks)
+        task_state.pt              # rank 0: method, objectives and their state (queues), momentum copies
         config.yaml                # the resolved experiment config
         ds_config.json             # the DeepSpeed config the engine ran with
         universal/                 # only after a resume on another world size (see below)

@@ -8,7 +8,7 @@ warm-up + cosine schedule to ``deepspeed.initialize``::
 
     ds_config, notes = ds_config_for(args.deepspeed_config, config.optim)
     plan = plan_steps(ds_config, samples_per_epoch, world, config.optim, config.run.max_steps)
-    engine = start_engine(task, ds_config, config.optim, plan)
+    engine = start_engine(task, task.parameter_groups(config.optim.weight_decay), ds_config, config.optim, plan)
 """
 
 from __future__ import annotations
@@ -101,11 +101,12 @@ def plan_steps(ds_config: dict, samples_per_epoch: int, world_size: int, optim: 
                     min(schedule_steps, max_steps or schedule_steps))
 
 
-def start_engine(module: torch.nn.Module, ds_config: dict, optim: OptimConfig, plan: StepPlan):
-    """``deepspeed.initialize`` with the module's parameter groups and the warm-up + cosine schedule."""
+def start_engine(module: torch.nn.Module, parameter_groups: list[dict], ds_config: dict, optim: OptimConfig,
+                 plan: StepPlan):
+    """``deepspeed.initialize`` with the optimizer's parameter groups and the warm-up + cosine schedule."""
     import deepspeed
 
     engine, _, _, _ = deepspeed.initialize(
-        model=module, model_parameters=module.parameter_groups(optim.weight_decay), config=ds_config,
+        model=module, model_parameters=parameter_groups, config=ds_config,
         lr_scheduler=lambda optimizer: lr_schedule(optimizer, optim, plan.steps_per_epoch, plan.schedule_steps))
     return engine

@@ -4,8 +4,10 @@ Reads a pretraining checkpoint at any ZeRO stage (0-3, with or without offload),
 weights (DeepSpeed's ``zero_to_fp32`` consolidation for ZeRO, the module states for stage 0), adds the
 momentum encoders and queues from the task state, and writes one ``safetensors`` file whose keys follow
 the released ALBEF layout (``visual_encoder.*``, ``text_encoder.bert.*``, ``text_encoder.cls.*``,
-projections, ``itm_head``, ``temp``, ``*_m.*``, ``image_queue``, ``text_queue``, ``queue_ptr``). The
-resolved experiment config is written beside it as ``OUT.yaml`` and embedded in the file's metadata.
+projections, ``itm_head``, ``temp``, and, when the run had them, ``*_m.*``, ``image_queue``, ``text_queue``,
+``queue_ptr``); heads that other objectives added keep their names (``objectives.<name>.*``). Any method's
+checkpoint exports this way. The resolved experiment config is written beside it as ``OUT.yaml`` and
+embedded in the file's metadata, with the method that produced it.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from safetensors.torch import save_file
 
 from pretrain.checkpoint import read_latest
 from pretrain.safe_loading import UnsafeCheckpointError, load_file, restricted_unpickling
+from pretrain.task import upgrade_task_state
 
 MODEL_PREFIX = "model."
 
@@ -54,18 +57,32 @@ def consolidated_module_state(directory: str, tag: str, trusted: bool = False) -
     return _module_state_from_stage0(tag_dir, trusted)
 
 
+def read_task_state(directory: str, tag: str, trusted: bool = False) -> dict:
+    """The task's extra state in today's layout (method, objectives, momentum copies, objectives' state);
+    empty parts when the checkpoint has no task_state.pt."""
+    path = os.path.join(directory, tag, "task_state.pt")
+    if not os.path.exists(path):
+        return {"momentum": {}, "objective_state": {}}
+    return upgrade_task_state(load_file(path, trusted=trusted))
+
+
 def albef_state_dict(directory: str, tag: str, trusted: bool = False) -> dict:
+    """Weights in ALBEF's layout, from a checkpoint of any method: the backbone (``visual_encoder.*``, ...),
+    the momentum copies (``*_m.*``) and ITC's queues when the run had them, and any objective's own heads
+    under ``objectives.<name>.*``."""
     module_state = consolidated_module_state(directory, tag, trusted)
-    state = {name[len(MODEL_PREFIX):]: tensor for name, tensor in module_state.items()
-             if name.startswith(MODEL_PREFIX)}
+    state = {name[len(MODEL_PREFIX):] if name.startswith(MODEL_PREFIX) else name: tensor
+             for name, tensor in module_state.items()}
     if "temp" in state:
         state["temp"] = state["temp"].reshape(())  # ALBEF's files hold a 0-d temperature
-    task_state = load_file(os.path.join(directory, tag, "task_state.pt"), trusted=trusted)
-    state.update(task_state["momentum"])
-    image_queue, text_queue = task_state["image_queue"], task_state["text_queue"]
-    state["image_queue"] = image_queue["features"]
-    state["text_queue"] = text_queue["features"]
-    state["queue_ptr"] = torch.as_tensor(image_queue["ptr"]).reshape(1).long()
+    task_state = read_task_state(directory, tag, trusted)
+    state.update(task_state.get("momentum") or {})
+    queues = task_state["objective_state"].get("itc") or {}
+    if queues:
+        image_queue, text_queue = queues["image_queue"], queues["text_queue"]
+        state["image_queue"] = image_queue["features"]
+        state["text_queue"] = text_queue["features"]
+        state["queue_ptr"] = torch.as_tensor(image_queue["ptr"]).reshape(1).long()
     # safetensors refuses shared storage (the tied MLM decoder); every tensor gets its own copy.
     return {name: tensor.detach().clone().contiguous() for name, tensor in state.items()}
 
@@ -78,10 +95,11 @@ def export(checkpoint: str, output: str, tag: str | None = None, trusted: bool =
     if tag is None:
         raise FileNotFoundError(f"{checkpoint}: no 'latest' file; pass --tag or a global_stepN directory")
     state = albef_state_dict(directory, tag, trusted)
+    method = read_task_state(directory, tag, trusted).get("method", "")
     config_path = os.path.join(directory, tag, "config.yaml")
     config_text = Path(config_path).read_text() if os.path.exists(config_path) else ""
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    save_file(state, output, metadata={"format": "pt", "source": os.path.join(directory, tag),
+    save_file(state, output, metadata={"format": "pt", "source": os.path.join(directory, tag), "method": method,
                                        "config": config_text})
     with open(os.path.splitext(output)[0] + ".yaml", "w") as handle:
         handle.write(config_text)

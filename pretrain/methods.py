@@ -7,7 +7,7 @@ the image-text batches (X-VLM's region batches). ``pretrain/train.py`` reads a r
 any method itself::
 
     recipe = METHODS[config.method]
-    specs = resolve_objectives(config)        # the config's objectives, or the recipe's, validated
+    specs = resolve_objectives(config)        # the recipe's objectives updated by the config's, validated
     adapter = recipe.batch_adapter(tokenizer, config)
 
 Adding a method is one entry here plus its config (``pretrain/configs/<method>.yaml``); see the README's
@@ -39,7 +39,8 @@ class Stream:
 
 @dataclass(frozen=True)
 class Method:
-    objectives: dict[str, dict]                    # default objectives: name -> entry (as in the YAML)
+    objectives: dict[str, dict]                    # default objectives: name -> entry (as in the YAML); a config
+                                                   # updates them, adds others, or drops one with weight: 0
     batch_adapter: Callable                        # (tokenizer, config) -> callable on a collated batch
     transform: dict = field(default_factory=dict)  # extra data_shards.boxes.TransformConfig fields
     streams: dict[str, Stream] = field(default_factory=dict)
@@ -72,20 +73,28 @@ def method_of(config: PretrainConfig) -> Method:
     return METHODS[config.method]
 
 
-def resolve_objectives(config: PretrainConfig) -> list[ObjectiveSpec]:
-    """The run's objectives in the order listed (the method's defaults when the config lists none), every
-    option checked against the objective's own ``Config``; errors name ``objectives.<name>.<key>``."""
-    method = method_of(config)
-    entries = config.objectives or method.objectives
-    specs = []
-    for name, entry in entries.items():
-        if not name.isidentifier():
-            raise ConfigError(f"objectives.{name}: an objective's name must be a Python identifier")
+def objective_entries(config: PretrainConfig) -> dict[str, dict]:
+    """The method's default objectives updated by the config's entries (an option given replaces that option
+    only), then the config's other objectives in the order listed."""
+    entries = {name: dict(entry) for name, entry in method_of(config).objectives.items()}
+    for name, entry in config.objectives.items():
         if entry is None:
             entry = {}
         if not isinstance(entry, dict):
             raise ConfigError(f"objectives.{name}: expected a mapping of options such as {{weight: 1.0}}, "
                               f"got {entry!r}")
+        entries[name] = {**entries.get(name, {}), **entry}
+    return entries
+
+
+def resolve_objectives(config: PretrainConfig) -> list[ObjectiveSpec]:
+    """The run's objectives (see ``objective_entries``), every option checked against the objective's own
+    ``Config``; errors name ``objectives.<name>.<key>``. An objective of weight 0 is not built at all."""
+    method = method_of(config)
+    specs = []
+    for name, entry in objective_entries(config).items():
+        if not name.isidentifier():
+            raise ConfigError(f"objectives.{name}: an objective's name must be a Python identifier")
         options = {key: value for key, value in entry.items() if key not in COMMON_KEYS}
         common = {key: entry[key] for key in COMMON_KEYS if key in entry}
         cls = objective_class(name, common.get("class_path"))
@@ -94,12 +103,12 @@ def resolve_objectives(config: PretrainConfig) -> list[ObjectiveSpec]:
             raise ConfigError(f"objectives.{name}.weight: must be a number >= 0, got {weight!r}")
         if isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0:
             raise ConfigError(f"objectives.{name}.start_step: must be a step number >= 0, got {start_step!r}")
-        specs.append(ObjectiveSpec(name, cls, from_mapping(cls.Config, options, f"objectives.{name}"),
-                                   float(weight), start_step))
-    running = [spec for spec in specs if spec.weight > 0]
-    if not running:
-        raise ConfigError("objectives: every listed objective has weight 0; nothing would be trained")
-    if all(spec.start_step > 0 for spec in running):
+        options = from_mapping(cls.Config, options, f"objectives.{name}")
+        if weight > 0:
+            specs.append(ObjectiveSpec(name, cls, options, float(weight), start_step))
+    if not specs:
+        raise ConfigError("objectives: every objective has weight 0; nothing would be trained")
+    if all(spec.start_step > 0 for spec in specs):
         raise ConfigError("objectives: no objective runs from step 0 (start_step); the first steps would have "
                           "no loss")
     streams = set(config.data.streams)

@@ -16,14 +16,15 @@ import sys
 RETRIEVAL_KEYS = ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean", "chance_r1")
 
 
-def read_losses(run_dir: str) -> dict[str, list[tuple[int, float]]]:
+def read_losses(run_dir: str, names) -> dict[str, list[tuple[int, float]]]:
+    """``{term: [(step, value), ...]}`` for the loss terms ``names`` (whatever objectives the run had)."""
     series: dict[str, list[tuple[int, float]]] = {}
     with open(os.path.join(run_dir, "logs", "metrics.jsonl")) as handle:
         for line in handle:
             record = json.loads(line)
             if "step" not in record:
                 continue
-            for name in ("loss", "itc", "itm", "mlm"):
+            for name in names:
                 if name in record:
                     series.setdefault(name, []).append((record["step"], record[name]))
     return series
@@ -49,6 +50,19 @@ def plot_losses(series: dict, path: str) -> None:
     plt.close(figure)
 
 
+def merge_into_summary(summary_path: str, name: str, section: dict) -> None:
+    """Set ``name`` in the summary JSON (created if absent), keeping its other sections (the demo's summary
+    gathers pretraining and fine-tuning)."""
+    summary = {}
+    if os.path.exists(summary_path):
+        with open(summary_path) as handle:
+            summary = json.load(handle)
+    summary[name] = section
+    os.makedirs(os.path.dirname(os.path.abspath(summary_path)), exist_ok=True)
+    with open(summary_path, "w") as handle:
+        json.dump(summary, handle, indent=2)
+
+
 def summarize(run_dir: str, summary_path: str, plot_path: str | None) -> dict:
     with open(os.path.join(run_dir, "results.json")) as handle:
         results = json.load(handle)
@@ -56,16 +70,9 @@ def summarize(run_dir: str, summary_path: str, plot_path: str | None) -> dict:
     retrieval = results.get("zero_shot_retrieval")
     if retrieval:
         section["zero_shot_retrieval"] = {key: retrieval[key] for key in RETRIEVAL_KEYS if key in retrieval}
-    summary = {}
-    if os.path.exists(summary_path):
-        with open(summary_path) as handle:
-            summary = json.load(handle)
-    summary["pretrain"] = section
-    os.makedirs(os.path.dirname(os.path.abspath(summary_path)), exist_ok=True)
-    with open(summary_path, "w") as handle:
-        json.dump(summary, handle, indent=2)
+    merge_into_summary(summary_path, "pretrain", section)
     if plot_path:
-        plot_losses(read_losses(run_dir), plot_path)
+        plot_losses(read_losses(run_dir, results.get("final_loss", {"loss": None})), plot_path)
     return section
 
 

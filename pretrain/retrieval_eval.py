@@ -47,13 +47,16 @@ def chance_r1(img2txt: list[list[int]], num_texts: int) -> float:
     return 100.0 * (text_side + image_side) / 2
 
 
-def load_split(urls: str, image_size: int) -> tuple[list[torch.Tensor], list[str], list[list[int]], list[int]]:
-    """Every image of the split (eval transform) and its captions, numbered in shard order."""
-    transform = PilTransform(TransformConfig(image_size=image_size, train=False))
+def load_split(urls: str, transform: TransformConfig) -> tuple[list[torch.Tensor], list[str], list[list[int]],
+                                                              list[int]]:
+    """Every image of a retrieval split (``transform``, an evaluation one) and its cleaned captions, numbered in
+    shard order: ``(images, texts, img2txt, txt2img)``. Zero-shot and fine-tuned retrieval both read splits here."""
+    render = PilTransform(transform)
     images, texts, img2txt, txt2img = [], [], [], []
     for sample in ShardReader(urls, rank=0, world_size=1, shard_shuffle=False):
-        captions = sample.get("json", {}).get("captions") or [sample.get("txt", "")]
-        images.append(transform(sample)["image"])
+        item = render(sample)
+        captions = item["meta"].get("captions") or [item["text"]]
+        images.append(item["image"])
         img2txt.append(list(range(len(texts), len(texts) + len(captions))))
         txt2img.extend([len(images) - 1] * len(captions))
         texts.extend(pre_caption(caption) for caption in captions)
@@ -65,7 +68,7 @@ def load_split(urls: str, image_size: int) -> tuple[list[torch.Tensor], list[str
 @torch.no_grad()
 def zero_shot_retrieval(model, tokenizer, urls: str, image_size: int, batch_size: int = 64) -> dict:
     """ITC-only retrieval on ``urls``; every rank runs it identically (ZeRO-3 needs all ranks)."""
-    images, texts, img2txt, txt2img = load_split(urls, image_size)
+    images, texts, img2txt, txt2img = load_split(urls, TransformConfig(image_size=image_size, train=False))
     parameter = model.vision_proj.weight
     was_training = model.training
     model.eval()

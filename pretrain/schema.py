@@ -155,8 +155,8 @@ class RunConfig:
 class PretrainConfig:
     method: str = "albef"                         # a key of pretrain.methods.METHODS
     model: ModelConfig = field(default_factory=ModelConfig)
-    # name -> {weight, start_step, class_path, the objective's own options}; empty: the method's defaults.
-    # Validated against each objective's options by pretrain.methods.resolve_objectives when read.
+    # name -> {weight, start_step, class_path, the objective's own options}, over the method's defaults
+    # (weight: 0 drops one). Validated against each objective's options by pretrain.methods.resolve_objectives.
     objectives: dict = field(default_factory=dict)
     distillation: DistillationConfig = field(default_factory=DistillationConfig)
     data: DataConfig = field(default_factory=DataConfig)

@@ -106,7 +106,7 @@ def train(args: argparse.Namespace) -> dict:
     seed_everything(config.run.seed + rank)  # then per rank: dropout, masking, negatives differ
     trusted = args.trust_checkpoint
     engine_tag = checkpoint.prepare_world_size_change(*resume, world, ds_config, trusted) if resume else None
-    engine = start_engine(task, ds_config, config.optim, plan)
+    engine = start_engine(task, task.parameter_groups(config.optim.weight_decay), ds_config, config.optim, plan)
     task.place(engine.device)
     device_type = "gpu" if engine.device.type == "cuda" else "cpu"
 

@@ -1,12 +1,7 @@
-"""Box metrics and losses for visual grounding: IoU, GIoU, Acc@IoU, box formats, Grad-CAM proposal picking.
+"""Grounding metrics: Acc@IoU and ALBEF's Grad-CAM proposal picking (box geometry: ``pretrain.objectives.box``).
 
-Boxes are ``[..., 4]`` tensors in ``xyxy`` (left, top, right, bottom) unless a name says otherwise; ``xywh`` is
-(left, top, width, height), the format of RefCOCO boxes and detections, and ``cxcywh`` (centre x, centre y,
-width, height) is the target of the X-VLM box head (reference/methods.md section 1).
+Boxes are ``[..., 4]`` tensors in ``xyxy`` (left, top, right, bottom) unless a name says otherwise.
 
-- ``box_iou`` and ``generalized_box_iou`` compare boxes pairwise along the leading dimensions (box ``i`` of the
-  prediction with box ``i`` of the target) and are differentiable; ``generalized_box_iou_loss`` is ``1 - GIoU``,
-  the X-VLM box loss term added to the L1 distance of the ``cxcywh`` coordinates.
 - ``accuracy_at_iou`` is the grounding metric of ALBEF and X-VLM: the percentage of predictions whose IoU with
   the ground truth is at least 0.5. ALBEF's ``computeIoU`` counts inclusive pixels (``x2 = x + w - 1``), which
   gives the same value as the continuous IoU of ``(x, y, x + w, y + h)`` except that overlaps one pixel wide or
@@ -26,71 +21,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torchvision.ops import box_convert
 
-_EPSILON = 1e-7  # keeps IoU and GIoU finite and differentiable for boxes of zero area, as torchvision does
-
-
-def xywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:
-    return box_convert(torch.as_tensor(boxes), "xywh", "xyxy")
-
-
-def xyxy_to_xywh(boxes: torch.Tensor) -> torch.Tensor:
-    return box_convert(torch.as_tensor(boxes), "xyxy", "xywh")
-
-
-def cxcywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:
-    return box_convert(torch.as_tensor(boxes), "cxcywh", "xyxy")
-
-
-def xyxy_to_cxcywh(boxes: torch.Tensor) -> torch.Tensor:
-    return box_convert(torch.as_tensor(boxes), "xyxy", "cxcywh")
-
-
-def _check_pair(predicted: torch.Tensor, target: torch.Tensor) -> None:
-    if predicted.shape[-1:] != (4,) or predicted.shape != target.shape:
-        raise ValueError(f"boxes must have matching shapes [..., 4]; got {tuple(predicted.shape)} "
-                         f"and {tuple(target.shape)}")
-
-
-def _area(boxes: torch.Tensor) -> torch.Tensor:
-    return (boxes[..., 2] - boxes[..., 0]).clamp(min=0) * (boxes[..., 3] - boxes[..., 1]).clamp(min=0)
-
-
-def _intersection_union(predicted: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    _check_pair(predicted, target)
-    top_left = torch.maximum(predicted[..., :2], target[..., :2])
-    bottom_right = torch.minimum(predicted[..., 2:], target[..., 2:])
-    overlap = (bottom_right - top_left).clamp(min=0)
-    intersection = overlap[..., 0] * overlap[..., 1]
-    return intersection, _area(predicted) + _area(target) - intersection
-
-
-def box_iou(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """IoU of each predicted ``xyxy`` box with the target box at the same position: shape ``[...]``."""
-    intersection, union = _intersection_union(predicted, target)
-    return intersection / (union + _EPSILON)
-
-
-def generalized_box_iou(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """GIoU = IoU - (enclosing area - union) / enclosing area, pairwise as ``box_iou``; in [-1, 1]."""
-    intersection, union = _intersection_union(predicted, target)
-    enclosing_top_left = torch.minimum(predicted[..., :2], target[..., :2])
-    enclosing_bottom_right = torch.maximum(predicted[..., 2:], target[..., 2:])
-    enclosing = _area(torch.cat([enclosing_top_left, enclosing_bottom_right], dim=-1))
-    return intersection / (union + _EPSILON) - (enclosing - union) / (enclosing + _EPSILON)
-
-
-def generalized_box_iou_loss(predicted: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """``1 - GIoU`` of ``xyxy`` box pairs; ``reduction`` is ``"mean"``, ``"sum"`` or ``"none"``."""
-    loss = 1 - generalized_box_iou(predicted, target)
-    if reduction == "none":
-        return loss
-    if reduction == "sum":
-        return loss.sum()
-    if reduction == "mean":
-        return loss.mean()
-    raise ValueError(f"unknown reduction {reduction!r}; use 'mean', 'sum' or 'none'")
+from pretrain.objectives.box import intersection_union
 
 
 def accuracy_at_iou(predicted_boxes: torch.Tensor, ground_truth_boxes: torch.Tensor,
@@ -99,7 +31,7 @@ def accuracy_at_iou(predicted_boxes: torch.Tensor, ground_truth_boxes: torch.Ten
     predicted, ground_truth = torch.as_tensor(predicted_boxes), torch.as_tensor(ground_truth_boxes)
     if predicted.numel() == 0:
         raise ValueError("accuracy_at_iou got no boxes; the evaluation split is empty")
-    intersection, union = _intersection_union(predicted.double().reshape(-1, 4), ground_truth.double().reshape(-1, 4))
+    intersection, union = intersection_union(predicted.double().reshape(-1, 4), ground_truth.double().reshape(-1, 4))
     # exact IoU (no epsilon), so a pair at exactly the threshold counts
     iou = torch.where(union > 0, intersection / union.clamp(min=torch.finfo(torch.float64).tiny), 0.0)
     return 100.0 * (iou >= threshold).double().mean().item()

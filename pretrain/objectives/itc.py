@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from pretrain.config import ConfigError, require, require_at_least
 from pretrain.models.encoded import TOWERS, Encoded
 from pretrain.objectives.base import BuildContext, Needs, Objective, StepContext
-from pretrain.objectives.distributed import all_gather_with_grad, world
+from pretrain.objectives.distributed import all_gather_with_grad, concat_all_gather, world
 from pretrain.objectives.momentum import FeatureQueue
 
 
@@ -145,11 +145,14 @@ def itc_loss(
 
 
 def contrastive_loss_in_batch(
-    image_feat: torch.Tensor, text_feat: torch.Tensor, temp: torch.Tensor | float
+    image_feat: torch.Tensor, text_feat: torch.Tensor, temp: torch.Tensor | float,
+    image_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Symmetric InfoNCE: each local row against every rank's batch, the matching pair as the only positive.
+    """Symmetric InfoNCE whose negatives are every rank's batch (no queue, no momentum).
 
-    image_feat, text_feat: [B, D] normalised features. Each rank's loss is the mean over its local rows;
+    image_feat, text_feat: [B, D] normalised features. Without ``image_ids`` the matching pair is the only
+    positive; with them (retrieval fine-tuning, ALBEF's ``idx``) every gathered column showing the same image
+    is a positive and the target spreads evenly over them. Each rank's loss is the mean over its local rows;
     gradients reach the other ranks' rows through ``all_gather_with_grad``, so after DeepSpeed averages
     gradients over ranks the update equals that of one process holding the whole global batch.
     """
@@ -161,9 +164,16 @@ def contrastive_loss_in_batch(
     temp_float = temp.float() if isinstance(temp, torch.Tensor) else temp
     all_image = all_gather_with_grad(image_feat)
     all_text = all_gather_with_grad(text_feat)
-    labels = torch.arange(batch_size, device=image_feat.device) + rank * batch_size
-    loss_i2t = F.cross_entropy(image_feat @ all_text.T / temp_float, labels)
-    loss_t2i = F.cross_entropy(text_feat @ all_image.T / temp_float, labels)
+    if image_ids is None:
+        labels = torch.arange(batch_size, device=image_feat.device) + rank * batch_size
+        loss_i2t = F.cross_entropy(image_feat @ all_text.T / temp_float, labels)
+        loss_t2i = F.cross_entropy(text_feat @ all_image.T / temp_float, labels)
+        return (loss_i2t + loss_t2i) / 2
+    image_ids = image_ids.reshape(-1)
+    positives = (image_ids[:, None] == concat_all_gather(image_ids)[None, :]).float()
+    targets = positives / positives.sum(dim=1, keepdim=True)
+    loss_i2t = _direction_loss(image_feat @ all_text.T / temp_float, targets)
+    loss_t2i = _direction_loss(text_feat @ all_image.T / temp_float, targets)
     return (loss_i2t + loss_t2i) / 2
 
 

@@ -24,6 +24,7 @@ from pretrain import checkpoint
 from pretrain.config import ConfigError, load_config
 from pretrain.export import export
 from pretrain.lockstep import DataFailure, lockstep_batches
+from pretrain.methods import resolve_objectives
 from pretrain.metrics_log import MetricsLog
 from pretrain.safe_loading import UnsafeCheckpointError, load_file
 from pretrain.schema import PretrainConfig
@@ -58,11 +59,11 @@ def _poison(path: Path, marker: Path) -> None:
     (["optim.lr=[1, 2"], "override 'optim.lr=[1, 2': the value '[1, 2' is not valid YAML"),
     (["optim.shedule=cosine"], "unknown key optim.'shedule' in OptimConfig"),
     (["run.seed=forty-two"], "run.seed: expected int, got 'forty-two'"),
-    (["objectives.mlm_probability=1.5"], "objectives.mlm_probability: must lie in [0, 1], got 1.5"),
+    (["objectives.mlm.probability=1.5"], "objectives.mlm.probability: must lie in [0, 1], got 1.5"),
 ])
 def test_config_values_are_refused_when_read(overrides, message):
     with pytest.raises(ConfigError) as error:
-        load_config(PretrainConfig, str(REPO / "pretrain/configs/demo.yaml"), overrides)
+        resolve_objectives(load_config(PretrainConfig, str(REPO / "pretrain/configs/demo.yaml"), overrides))
     assert message in str(error.value)
 
 

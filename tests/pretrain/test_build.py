@@ -1,17 +1,18 @@
-"""Builders of the entry point: sample counts from sizes.json, the LR schedule, ds_config adjustments."""
+"""Builders shared by pretraining and fine-tuning: the backbone, the task composed from the listed objectives."""
 
 from __future__ import annotations
 
 import json
-import math
 
-import pytest
 import torch
 
 from data_shards import sizes
-from pretrain.build import ds_config_for, lr_schedule, samples_in
-from pretrain.config import ConfigError
-from pretrain.schema import OptimConfig
+from pretrain.build import build_task, samples_in
+from pretrain.config import load_config
+from pretrain.engine import plan_steps
+from pretrain.methods import resolve_objectives
+from pretrain.schema import PretrainConfig
+from tests.pretrain.conftest import TINY_MODEL
 
 
 def test_samples_in_is_the_data_layers():
@@ -19,50 +20,31 @@ def test_samples_in_is_the_data_layers():
     assert samples_in is sizes.samples_in
 
 
-def test_lr_schedule_warms_up_linearly_then_follows_the_cosine():
-    optim = OptimConfig(lr=1e-3, warmup_lr=1e-5, min_lr=1e-4, warmup_steps=10)
-    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=optim.lr)
-    schedule = lr_schedule(optimizer, optim, steps_per_epoch=10, total_steps=110)
-    lrs = []
-    for _ in range(111):
-        lrs.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        schedule.step()
-    assert lrs[0] == pytest.approx(1e-5) and lrs[5] == pytest.approx(1e-5 + (1e-3 - 1e-5) * 0.5)
-    assert lrs[10] == pytest.approx(1e-3)
-    assert lrs[60] == pytest.approx(1e-4 + 0.5 * (1e-3 - 1e-4) * (1 + math.cos(math.pi * 0.5)))
-    assert lrs[110] == pytest.approx(1e-4)
+def tiny_config(*overrides: str) -> PretrainConfig:
+    model = [f"model.{name}={json.dumps(value)}" for name, value in TINY_MODEL.items()]
+    return load_config(PretrainConfig, None, model + list(overrides))
 
 
-def test_ds_config_gets_the_yaml_optimizer_and_cpu_notes(tmp_path):
-    path = tmp_path / "ds.json"
-    path.write_text(json.dumps({"train_micro_batch_size_per_gpu": 2, "optimizer": {"type": "AdamW"}}))
-    config, notes = ds_config_for(str(path), OptimConfig(lr=2e-4, weight_decay=0.05))
-    params = config["optimizer"]["params"]
-    assert (params["lr"], params["weight_decay"]) == (2e-4, 0.05)
-    if not torch.cuda.is_available():
-        assert params["torch_adam"] is True and any("AdamW from torch" in note for note in notes)
-    path.write_text("{}")
-    with pytest.raises(ConfigError, match="set train_micro_batch_size_per_gpu"):
-        ds_config_for(str(path), OptimConfig())
-    with pytest.raises(ConfigError, match="does not exist"):
-        ds_config_for(str(tmp_path / "missing.json"), OptimConfig())
-
-
-def test_objective_start_steps_switch_terms_on_at_their_step():
-    from pretrain.build import build_task
-    from pretrain.config import load_config
-    from pretrain.schema import PretrainConfig
-    from tests.pretrain.conftest import TINY_MODEL
-
-    overrides = [f"model.{name}={json.dumps(value)}" for name, value in TINY_MODEL.items()]
-    config = load_config(PretrainConfig, None, overrides + ["objectives.queue_size=0",
-                                                            "objectives.start_steps={itm: 1, mlm: 2}"])
+def tiny_task(*overrides: str, micro_batch: int = 2):
+    config = tiny_config(*overrides)
+    plan = plan_steps({"train_micro_batch_size_per_gpu": micro_batch}, 10 * micro_batch, 1, config.optim, None)
     torch.manual_seed(0)
-    task, tokenizer = build_task(config, 2, 10)
+    return build_task(config, resolve_objectives(config), plan)
+
+
+def test_objective_start_steps_count_optimizer_steps():
+    task, tokenizer = tiny_task("objectives.itc.queue_size=0", "objectives.itm.start_step=1",
+                                "objectives.mlm.start_step=2")
     batch = {"image": torch.randn(2, 3, 32, 32), **tokenizer(["a red circle", "two blue squares"])}
-    seen = [sorted(task(batch)) for _ in range(3)]
-    assert seen == [["itc", "loss"], ["itc", "itm", "loss"], ["itc", "itm", "loss", "mlm"]]
-    bad = load_config(PretrainConfig, None, overrides + ["objectives.queue_size=0", "objectives.start_steps={mim: 3}"])
-    with pytest.raises(ValueError, match=r"start_steps names unknown terms \['mim'\]"):
-        build_task(bad, 2, 10)
+    seen = []
+    for step in (0, 0, 1, 2):  # the step the engine reports: two micro-batches of one accumulation window first
+        task.set_step(step)
+        seen.append(sorted(task(batch)))
+    assert seen == [["itc", "loss"], ["itc", "loss"], ["itc", "itm", "loss"], ["itc", "itm", "loss", "mlm"]]
+
+
+def test_the_method_builds_its_default_objectives_with_their_options():
+    task, _ = tiny_task("objectives.itc.queue_size=20", micro_batch=2)
+    assert list(task.objectives) == ["itc", "itm", "mlm"]
+    assert task.objectives["itc"].queues[0].features.shape == (TINY_MODEL["embed_dim"], 20)
+    assert task.momentum_towers == ("visual_encoder", "vision_proj", "text_encoder", "text_proj")

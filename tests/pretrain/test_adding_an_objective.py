@@ -1,0 +1,77 @@
+"""Adding an objective is one new class plus one config entry: a toy objective defined here trains beside
+ALBEF's three on 2 CPU ranks under ZeRO-0 and ZeRO-3, its term logged and its head saved.
+
+``ToyTerm`` owns a head (its own parameters), has options of its own, asks for an intermediate ViT state,
+and is listed with ``class_path`` since it is not in ``pretrain.objectives.OBJECTIVES``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import nn
+
+from pretrain.models.encoded import Wants
+from pretrain.objectives.base import Needs, Objective
+from tests.pretrain.conftest import REPO, logged_steps, run_pretrain, write_ds_config, write_experiment
+
+pytestmark = pytest.mark.slow
+
+
+@dataclass(frozen=True)
+class ToyConfig:
+    scale: float = 1.0
+
+
+class ToyTerm(Objective):
+    """Predict each image's mean pixel from the [CLS] state after the first ViT block; term ``toy``."""
+
+    Config = ToyConfig
+    terms = ("toy",)
+
+    def __init__(self, config: ToyConfig, build):
+        super().__init__(config, build)
+        self.head = nn.Linear(build.model.visual_encoder.width, 1)
+
+    def needs(self) -> Needs:
+        return Needs(wants=Wants(image_layers=frozenset({1})))
+
+    def forward(self, encoded, encoded_m, batch, step):
+        prediction = self.head(encoded.image_layers[1][:, 0]).squeeze(-1).float()
+        return {"toy": self.config.scale * F.mse_loss(prediction, batch["image"].float().mean(dim=(1, 2, 3)))}
+
+
+@pytest.mark.parametrize("ds_config", ["zero0_fp32.json", "zero3_bf16.json"])
+def test_a_toy_objective_trains_beside_albefs_three(tmp_path, tiny_shards, ds_config):
+    objectives = {"itc": {"queue_size": 64}, "itm": {}, "mlm": {},
+                  "toy": {"class_path": "tests.pretrain.test_adding_an_objective:ToyTerm", "weight": 0.5,
+                          "scale": 2.0}}
+    experiment = write_experiment(tmp_path, tiny_shards, objectives=objectives)
+    run_pretrain(experiment, write_ds_config(tmp_path, ds_config), ranks=2, extra=["--max-steps", "3"])
+    steps = logged_steps(tmp_path / "run")
+    assert sorted(steps) == [1, 2, 3]
+    for record in steps.values():
+        assert {"itc", "itm", "mlm", "toy"} <= set(record)
+        weighted = record["itc"] + record["itm"] + record["mlm"] + 0.5 * record["toy"]
+        assert record["loss"] == pytest.approx(weighted, rel=1e-5)
+
+    checkpoints = tmp_path / "run" / "checkpoints"
+    task_state = torch.load(checkpoints / "global_step3" / "task_state.pt", weights_only=False)
+    assert task_state["method"] == "albef"
+    assert task_state["objectives"]["toy"] == {"class": "tests.pretrain.test_adding_an_objective:ToyTerm",
+                                               "weight": 0.5, "start_step": 0}
+    exported = tmp_path / "exported.safetensors"
+    subprocess.run([sys.executable, "-m", "pretrain.export", str(checkpoints), str(exported)], cwd=REPO, check=True,
+                   env={**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)}, capture_output=True)
+    weights = load_file(str(exported))
+    assert weights["objectives.toy.head.weight"].shape == (1, 64)
+    assert "visual_encoder.blocks.0.attn.qkv.weight" in weights and "text_encoder_m.cls.predictions.bias" in weights
+    assert json.loads(json.dumps(task_state["objectives"]["itc"]))["weight"] == 1.0
