@@ -30,7 +30,7 @@ from pretrain.build import build_task, ds_config_for, seed_everything  # noqa: E
 from pretrain.config import load_config  # noqa: E402
 from pretrain.schema import PretrainConfig  # noqa: E402
 from pretrain.tasks.albef import parameter_groups  # noqa: E402
-from pretrain.text_processing import TokenizeBatch  # noqa: E402
+from pretrain.text.batch import TokenizeBatch  # noqa: E402
 
 
 def timed_steps(step, batches, repeats: int) -> list[float]:

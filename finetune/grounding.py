@@ -50,7 +50,7 @@ from finetune.metrics.grounding import (
 from finetune.retrieval import RetrievalTask
 from finetune.schema import FinetuneConfig
 from pretrain.config import ConfigError, from_mapping, load_config
-from pretrain.text_processing import pre_caption
+from pretrain.text import pre_caption
 
 MODES = ("gradcam", "box")
 

@@ -45,9 +45,9 @@ from pretrain.config import ConfigError, config_to_dict, from_mapping, load_conf
 from pretrain.lockstep import DataFailure, control_group, lockstep_batches
 from pretrain.metrics_log import MetricsLog
 from pretrain.models.albef import build_albef
-from pretrain.models.text import build_tokenizer
 from pretrain.safe_loading import restricted_unpickling
 from pretrain.tasks.albef import parameter_groups
+from pretrain.text.tokenizer import build_tokenizer
 from pretrain.train import cpu_thread_notes, is_first_rank, release_shared_memory, to_device
 
 DEFAULT_DS_CONFIG = "ds_configs/zero0_fp32.json"

@@ -46,7 +46,7 @@ from finetune.ve import UNUSED_BACKBONE_KEYS, classification_metrics, classifier
 from pretrain.checkpoint import atomic_write_text
 from pretrain.config import ConfigError, from_mapping, load_config
 from pretrain.models.text import FusionBertLayer
-from pretrain.text_processing import pre_caption
+from pretrain.text import pre_caption
 from pretrain.train import is_first_rank
 
 LAYER_PREFIX = "text_encoder.bert.encoder.layer."

@@ -21,9 +21,9 @@ from torch.optim.lr_scheduler import LambdaLR
 from data_shards.sizes import samples_in  # noqa: F401  (its callers import it from here)
 from pretrain.config import ConfigError, resolve_path
 from pretrain.models.albef import build_albef, load_pretrained_encoders
-from pretrain.models.text import build_tokenizer
 from pretrain.schema import OptimConfig, PretrainConfig
 from pretrain.tasks.albef import ALBEFPretrainTask
+from pretrain.text.tokenizer import build_tokenizer
 
 
 def seed_everything(seed: int) -> None:

@@ -40,7 +40,7 @@ from pretrain.retrieval_eval import zero_shot_retrieval
 from pretrain.safe_loading import UnsafeCheckpointError
 from pretrain.schema import PretrainConfig
 from pretrain.tasks.albef import parameter_groups
-from pretrain.text_processing import TokenizeBatch
+from pretrain.text.batch import TokenizeBatch
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

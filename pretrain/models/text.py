@@ -12,8 +12,7 @@ module names reproduce ALBEF's ``text_encoder.*`` state-dict layout (``bert.embe
     fused = text.fuse(hidden, attention_mask, image_tokens)            # ALBEF mode 'fusion'
     logits = text.mlm_logits(text(input_ids, attention_mask, image_tokens))  # 'multi_modal' + MLM head
 
-``build_tokenizer`` gives ALBEF's tokenization (``[CLS] x`` with no trailing ``[SEP]``) or the
-standard one. Attention runs through PyTorch SDPA.
+Attention runs through PyTorch SDPA. The tokenizer lives in ``pretrain.text.tokenizer``.
 """
 
 from __future__ import annotations
@@ -25,7 +24,7 @@ import os
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from transformers import AutoTokenizer, BertConfig, BertModel
+from transformers import BertConfig, BertModel
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.models.bert.modeling_bert import BertAttention, BertLayer, BertOnlyMLMHead
 from transformers.pytorch_utils import apply_chunking_to_forward
@@ -281,62 +280,3 @@ def load_text_weights(model: FusionBert, bert_dir: str) -> LoadReport:
         dropped=tuple(sorted(dropped)),
     )
 
-
-class TextTokenizer:
-    """Batch tokenizer: texts -> ``input_ids`` and ``attention_mask`` LongTensors ``[B, T]``, padded to the longest.
-
-    ALBEF convention (``trailing_sep=False``): ``[CLS] x`` with no trailing ``[SEP]``, as the released
-    ALBEF checkpoints were trained; ``trailing_sep=True`` gives the standard ``[CLS] x [SEP]``. Either way
-    a sequence has at most ``max_length`` ids, special tokens included. Picklable, for loader workers.
-    """
-
-    def __init__(self, tokenizer, max_length: int, trailing_sep: bool = False):
-        num_special = 2 if trailing_sep else 1
-        if max_length <= num_special:
-            raise ValueError(f"max_length {max_length} leaves no room for text after {num_special} special token(s)")
-        self.tokenizer = tokenizer
-        self.max_length = max_length
-        self.trailing_sep = trailing_sep
-
-    @property
-    def pad_token_id(self) -> int:
-        return self.tokenizer.pad_token_id
-
-    @property
-    def cls_token_id(self) -> int:
-        return self.tokenizer.cls_token_id
-
-    @property
-    def sep_token_id(self) -> int:
-        return self.tokenizer.sep_token_id
-
-    @property
-    def mask_token_id(self) -> int:
-        return self.tokenizer.mask_token_id
-
-    @property
-    def vocab_size(self) -> int:
-        """Ids the embedding table must cover, added tokens included."""
-        return len(self.tokenizer)
-
-    def __call__(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        if isinstance(texts, str) or not texts:
-            raise TypeError("TextTokenizer takes a non-empty list of strings")
-        suffix = [self.sep_token_id] if self.trailing_sep else []
-        room = self.max_length - 1 - len(suffix)
-        pieces = self.tokenizer(list(texts), add_special_tokens=False, truncation=True, max_length=room)["input_ids"]
-        rows = [[self.cls_token_id, *ids, *suffix] for ids in pieces]
-        longest = max(len(row) for row in rows)
-        input_ids = torch.full((len(rows), longest), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), longest), dtype=torch.long)
-        for index, row in enumerate(rows):
-            input_ids[index, : len(row)] = torch.tensor(row, dtype=torch.long)
-            attention_mask[index, : len(row)] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask}
-
-
-def build_tokenizer(bert_dir: str, *, max_length: int, trailing_sep: bool = False) -> TextTokenizer:
-    """The tokenizer of a LOCAL BERT directory (vocab.txt / tokenizer.json), wrapped as a ``TextTokenizer``."""
-    _require_directory(bert_dir, "the tokenizer")
-    tokenizer = AutoTokenizer.from_pretrained(bert_dir, local_files_only=True)
-    return TextTokenizer(tokenizer, max_length=max_length, trailing_sep=trailing_sep)

@@ -17,12 +17,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from pretrain.models.albef import ALBEFModel
-from pretrain.models.text import TextTokenizer
 from pretrain.objectives.itc import itc_loss
 from pretrain.objectives.itm import itm_labels, itm_loss, sample_hard_negatives
 from pretrain.objectives.mlm import mask_tokens, mlm_loss
 from pretrain.objectives.momentum import FeatureQueue, MomentumCopy, alpha_at
 from pretrain.schema import ObjectivesConfig
+from pretrain.text.tokenizer import TextTokenizer
 
 MOMENTUM_MODULES = ("visual_encoder", "vision_proj", "text_encoder", "text_proj")
 

