@@ -27,6 +27,7 @@ DELETED_CHARACTERS = frozenset(",.'!?\"()*#:;~")
 SPACED_CHARACTERS = frozenset("-/")
 PERSON_TAG = "<person>"  # Flickr30k's placeholder for a person, read as the word
 _WHITESPACE_RUN = re.compile(r"\s{2,}")
+_SPACES_FOR = str.maketrans(dict.fromkeys(SPACED_CHARACTERS, " "))
 
 
 @dataclass(frozen=True)
@@ -90,15 +91,14 @@ def _clean_characters(piece: str, start: int) -> tuple[str, list[int]]:
     # Lower-casing the whole piece (not character by character) keeps Python's context rule for a final
     # sigma. Each character still lowers to a fixed number of characters (only 'İ' gives two), so the
     # offsets follow from the characters one by one.
-    offsets = [start + index for index, character in enumerate(piece) for _ in range(len(character.lower()))]
+    if len(lowered) == len(piece):
+        offsets = list(range(start, start + len(piece)))
+    else:
+        offsets = [start + index for index, character in enumerate(piece) for _ in range(len(character.lower()))]
     text, offsets = _replace_person_tags(lowered, offsets)
-    kept_text, kept_offsets = [], []
-    for character, offset in zip(text, offsets, strict=True):
-        if character in DELETED_CHARACTERS:
-            continue
-        kept_text.append(" " if character in SPACED_CHARACTERS else character)
-        kept_offsets.append(offset)
-    return "".join(kept_text), kept_offsets
+    kept = [index for index, character in enumerate(text) if character not in DELETED_CHARACTERS]
+    kept_text = "".join([text[index] for index in kept]).translate(_SPACES_FOR)
+    return kept_text, [offsets[index] for index in kept]
 
 
 def _replace_person_tags(text: str, offsets: list[int]) -> tuple[str, list[int]]:
