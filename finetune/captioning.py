@@ -47,7 +47,7 @@ from finetune.metrics.captioning import cider_d, tokenize
 from finetune.metrics.captioning import evaluate as caption_metrics
 from pretrain.config import ConfigError
 from pretrain.models.text import FusionBert
-from pretrain.text_processing import pre_caption
+from pretrain.text import pre_caption
 
 IGNORE = -100
 DROPPED_HEADS = ("vision_proj", "text_proj", "itm_head", "temp")

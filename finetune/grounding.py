@@ -45,7 +45,7 @@ from finetune.schema import FinetuneConfig
 from pretrain.build import build_backbone
 from pretrain.config import ConfigError, from_mapping, load_config
 from pretrain.objectives.box import BoxHead, box_losses, cxcywh_to_xyxy, xyxy_to_cxcywh
-from pretrain.text_processing import pre_caption
+from pretrain.text import pre_caption
 
 MODES = ("gradcam", "box")
 

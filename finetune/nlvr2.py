@@ -47,7 +47,7 @@ from pretrain.checkpoint import atomic_write_text
 from pretrain.config import ConfigError, from_mapping, load_config
 from pretrain.models.text import FusionBertLayer
 from pretrain.runtime import is_first_rank
-from pretrain.text_processing import pre_caption
+from pretrain.text import pre_caption
 
 LAYER_PREFIX = "text_encoder.bert.encoder.layer."
 ASSIGNMENT_TEMPERATURE = 0.07  # ALBEF's fixed temperature for drawing the partner images

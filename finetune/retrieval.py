@@ -33,7 +33,7 @@ from finetune.loop import DataError, EvalContext, TaskSpec, eval_transform, run
 from pretrain.objectives.itc import contrastive_loss_in_batch
 from pretrain.objectives.itm import itm_labels, itm_loss, itm_valid_mask, same_image_exclusion, sample_hard_negatives
 from pretrain.retrieval_eval import chance_r1, load_split, retrieval_metrics
-from pretrain.text_processing import pre_caption
+from pretrain.text import pre_caption
 
 
 @dataclass(frozen=True)

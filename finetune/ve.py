@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from finetune.loop import DataError, EvalContext, TaskSpec, run
-from pretrain.text_processing import pre_caption
+from pretrain.text import pre_caption
 
 # ALBEF's label indices (dataset/ve_dataset.py).
 LABELS = {"contradiction": 0, "neutral": 1, "entailment": 2}

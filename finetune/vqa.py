@@ -39,8 +39,9 @@ from finetune.loop import DataError, EvalContext, TaskSpec, run
 from finetune.metrics import vqa as vqa_metrics
 from finetune.ve import UNUSED_BACKBONE_KEYS, drop_unused_backbone_parts
 from pretrain.config import ConfigError, resolve_path
-from pretrain.models.text import FusionBert, TextTokenizer
-from pretrain.text_processing import pre_caption
+from pretrain.models.text import FusionBert
+from pretrain.text import pre_caption
+from pretrain.text.tokenizer import TextTokenizer
 
 HEADS = ("decoder", "classifier")
 RESULTS_FILE = "vqa_{split}_results.json"

@@ -22,10 +22,10 @@ from pretrain.config import ConfigError, resolve_path
 from pretrain.engine import StepPlan
 from pretrain.methods import ObjectiveSpec
 from pretrain.models.albef import ALBEFModel, build_albef, load_pretrained_encoders
-from pretrain.models.text import build_tokenizer
 from pretrain.objectives.base import BuildContext
 from pretrain.schema import ModelConfig, PretrainConfig
 from pretrain.task import PretrainTask
+from pretrain.text.tokenizer import build_tokenizer
 
 
 def seed_everything(seed: int) -> None:

@@ -23,7 +23,7 @@ from pretrain.config import ConfigError, from_mapping
 from pretrain.objectives import objective_class
 from pretrain.objectives.base import Objective
 from pretrain.schema import PretrainConfig
-from pretrain.text_processing import TokenizeBatch
+from pretrain.text.batch import TokenizeBatch
 
 # Keys of an ``objectives.<name>`` entry that the task applies itself; every other key is the objective's.
 COMMON_KEYS = ("weight", "start_step", "class_path")

@@ -16,7 +16,7 @@ import torch
 from data_shards.boxes import TransformConfig
 from data_shards.reader import ShardReader
 from data_shards.transforms import PilTransform
-from pretrain.text_processing import pre_caption
+from pretrain.text import pre_caption
 
 
 def _ranks(scores: np.ndarray, targets: list[list[int]]) -> np.ndarray:

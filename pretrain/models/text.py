@@ -9,11 +9,12 @@ module names reproduce ALBEF's ``text_encoder.*`` state-dict layout (``bert.embe
     text = FusionBert(config, fusion_layer=6, encoder_width=768)       # random init, no disk access
     report = load_text_weights(text, "bert-base-uncased/")             # cross-attention reported as new
     hidden = text.encode_text(input_ids, attention_mask)               # ALBEF mode 'text'
+    hidden, layers = text.encode_text_layers(input_ids, attention_mask, (2, 4))  # and chosen layer outputs
     fused = text.fuse(hidden, attention_mask, image_tokens)            # ALBEF mode 'fusion'
     logits = text.mlm_logits(text(input_ids, attention_mask, image_tokens))  # 'multi_modal' + MLM head
+    text.resize_token_embeddings(tokenizer.vocab_size)                 # room for appended extra tokens
 
-``build_tokenizer`` gives ALBEF's tokenization (``[CLS] x`` with no trailing ``[SEP]``) or the
-standard one. Attention runs through PyTorch SDPA.
+Attention runs through PyTorch SDPA. The tokenizer lives in ``pretrain.text.tokenizer``.
 """
 
 from __future__ import annotations
@@ -21,11 +22,12 @@ from __future__ import annotations
 import copy
 import json
 import os
+from collections.abc import Iterable
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from transformers import AutoTokenizer, BertConfig, BertModel
+from transformers import BertConfig, BertModel
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.models.bert.modeling_bert import BertAttention, BertLayer, BertOnlyMLMHead
 from transformers.pytorch_utils import apply_chunking_to_forward
@@ -160,7 +162,10 @@ class FusionBert(nn.Module):
         # which lets SDPA pick its fused kernels).
         return create_bidirectional_mask(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask)
 
-    def _run_layers(self, layers, hidden, attention_mask, image_embeds=None, image_mask=None) -> torch.Tensor:
+    def _run_layers(
+        self, layers, hidden, attention_mask, image_embeds=None, image_mask=None, layer_outputs: list | None = None
+    ) -> torch.Tensor:
+        """``hidden`` through ``layers``; each layer's output is also appended to ``layer_outputs`` when given."""
         self_mask = self._self_attention_mask(hidden, attention_mask)
         cross_mask = None
         if image_embeds is not None and image_mask is not None:
@@ -173,12 +178,36 @@ class FusionBert(nn.Module):
                 hidden = checkpoint(layer, hidden, self_mask, *extra, use_reentrant=False)
             else:
                 hidden = layer(hidden, self_mask, *extra)
+            if layer_outputs is not None:
+                layer_outputs.append(hidden)
         return hidden
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """ALBEF mode 'text': embeddings and the text-only layers. ``[B, T]`` ids -> ``[B, T, hidden]``."""
         hidden = self.bert.embeddings(input_ids=input_ids)
         return self._run_layers(self.bert.encoder.layer[: self.fusion_layer], hidden, attention_mask)
+
+    def encode_text_layers(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, layers: Iterable[int]
+    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """``encode_text``'s output and the states of the chosen text-only ``layers``, each ``[B, T, hidden]``.
+
+        Layers count as Hugging Face's ``hidden_states``: 0 is the embedding output, ``i`` the output of
+        the i-th layer (1-based), up to ``fusion_layer`` (the last text-only layer). Returns
+        ``(hidden, {layer: states})`` with ``hidden`` equal to ``encode_text(input_ids, attention_mask)``.
+        """
+        layers = tuple(layers)
+        for layer in layers:
+            if not isinstance(layer, int) or not 0 <= layer <= self.fusion_layer:
+                raise ValueError(
+                    f"text layer {layer!r} is outside [0, {self.fusion_layer}]: 0 is the embedding output and "
+                    f"1..{self.fusion_layer} the text-only layers below fusion_layer {self.fusion_layer}"
+                )
+        hidden = self.bert.embeddings(input_ids=input_ids)
+        states = [hidden]
+        text_layers = self.bert.encoder.layer[: self.fusion_layer]
+        hidden = self._run_layers(text_layers, hidden, attention_mask, layer_outputs=states)
+        return hidden, {layer: states[layer] for layer in layers}
 
     def fuse(
         self,
@@ -200,6 +229,40 @@ class FusionBert(nn.Module):
     ) -> torch.Tensor:
         """ALBEF mode 'multi_modal': every layer, the upper ones attending to ``image_embeds`` [B, N, encoder_width]."""
         return self.fuse(self.encode_text(input_ids, attention_mask), attention_mask, image_embeds, image_mask)
+
+    def resize_token_embeddings(self, new_size: int) -> None:
+        """Grow (or shrink) the word embeddings and the tied MLM decoder to ``new_size`` ids.
+
+        Old rows keep their values; new rows are initialised as BERT initialises embeddings (normal with
+        ``initializer_range``; decoder bias 0). The decoder weight stays the embedding tensor itself and its
+        bias stays ``cls.predictions.bias``. Call it after loading BERT weights of the original size and
+        before ``deepspeed.initialize``, which takes the parameters as they are then.
+        """
+        old = self.bert.embeddings.word_embeddings
+        if new_size <= 0:
+            raise ValueError(f"vocabulary size {new_size} must be positive")
+        if old.padding_idx is not None and new_size <= old.padding_idx:
+            raise ValueError(f"vocabulary size {new_size} would drop the padding id {old.padding_idx}")
+        kept = min(new_size, old.num_embeddings)
+        new = nn.Embedding(
+            new_size, old.embedding_dim, padding_idx=old.padding_idx, device=old.weight.device, dtype=old.weight.dtype
+        )
+        with torch.no_grad():
+            new.weight[:kept] = old.weight[:kept]
+            nn.init.normal_(new.weight[kept:], std=self.config.initializer_range)
+        new.weight.requires_grad_(old.weight.requires_grad)
+        self.bert.embeddings.word_embeddings = new
+        if self.cls is not None:
+            predictions = self.cls.predictions
+            bias = torch.zeros(new_size, device=predictions.bias.device, dtype=predictions.bias.dtype)
+            with torch.no_grad():
+                bias[:kept] = predictions.bias[:kept]
+            predictions.bias = nn.Parameter(bias, requires_grad=predictions.bias.requires_grad)
+            # The decoder Linear keeps no state of its own beyond the two tied parameters.
+            predictions.decoder.weight = new.weight
+            predictions.decoder.bias = predictions.bias
+            predictions.decoder.out_features = new_size
+        self.config.vocab_size = new_size
 
     def mlm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Vocabulary logits ``[..., vocab]`` of the MLM head for hidden states ``[..., hidden]``."""
@@ -281,62 +344,3 @@ def load_text_weights(model: FusionBert, bert_dir: str) -> LoadReport:
         dropped=tuple(sorted(dropped)),
     )
 
-
-class TextTokenizer:
-    """Batch tokenizer: texts -> ``input_ids`` and ``attention_mask`` LongTensors ``[B, T]``, padded to the longest.
-
-    ALBEF convention (``trailing_sep=False``): ``[CLS] x`` with no trailing ``[SEP]``, as the released
-    ALBEF checkpoints were trained; ``trailing_sep=True`` gives the standard ``[CLS] x [SEP]``. Either way
-    a sequence has at most ``max_length`` ids, special tokens included. Picklable, for loader workers.
-    """
-
-    def __init__(self, tokenizer, max_length: int, trailing_sep: bool = False):
-        num_special = 2 if trailing_sep else 1
-        if max_length <= num_special:
-            raise ValueError(f"max_length {max_length} leaves no room for text after {num_special} special token(s)")
-        self.tokenizer = tokenizer
-        self.max_length = max_length
-        self.trailing_sep = trailing_sep
-
-    @property
-    def pad_token_id(self) -> int:
-        return self.tokenizer.pad_token_id
-
-    @property
-    def cls_token_id(self) -> int:
-        return self.tokenizer.cls_token_id
-
-    @property
-    def sep_token_id(self) -> int:
-        return self.tokenizer.sep_token_id
-
-    @property
-    def mask_token_id(self) -> int:
-        return self.tokenizer.mask_token_id
-
-    @property
-    def vocab_size(self) -> int:
-        """Ids the embedding table must cover, added tokens included."""
-        return len(self.tokenizer)
-
-    def __call__(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        if isinstance(texts, str) or not texts:
-            raise TypeError("TextTokenizer takes a non-empty list of strings")
-        suffix = [self.sep_token_id] if self.trailing_sep else []
-        room = self.max_length - 1 - len(suffix)
-        pieces = self.tokenizer(list(texts), add_special_tokens=False, truncation=True, max_length=room)["input_ids"]
-        rows = [[self.cls_token_id, *ids, *suffix] for ids in pieces]
-        longest = max(len(row) for row in rows)
-        input_ids = torch.full((len(rows), longest), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), longest), dtype=torch.long)
-        for index, row in enumerate(rows):
-            input_ids[index, : len(row)] = torch.tensor(row, dtype=torch.long)
-            attention_mask[index, : len(row)] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask}
-
-
-def build_tokenizer(bert_dir: str, *, max_length: int, trailing_sep: bool = False) -> TextTokenizer:
-    """The tokenizer of a LOCAL BERT directory (vocab.txt / tokenizer.json), wrapped as a ``TextTokenizer``."""
-    _require_directory(bert_dir, "the tokenizer")
-    tokenizer = AutoTokenizer.from_pretrained(bert_dir, local_files_only=True)
-    return TextTokenizer(tokenizer, max_length=max_length, trailing_sep=trailing_sep)

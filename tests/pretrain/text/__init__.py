@@ -1,0 +1,1 @@
+"""Tests of pretrain/text/: caption cleaning, markers, extra tokens, the batch tokenizer."""
