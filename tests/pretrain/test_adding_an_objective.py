@@ -7,7 +7,6 @@ and is listed with ``class_path`` since it is not in ``pretrain.objectives.OBJEC
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -19,6 +18,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
+from finetune.checkpoints import backbone_state, open_checkpoint
 from pretrain.models.encoded import Wants
 from pretrain.objectives.base import Needs, Objective
 from tests.pretrain.conftest import REPO, logged_steps, run_pretrain, write_ds_config, write_experiment
@@ -49,12 +49,15 @@ class ToyTerm(Objective):
         return {"toy": self.config.scale * F.mse_loss(prediction, batch["image"].float().mean(dim=(1, 2, 3)))}
 
 
-@pytest.mark.parametrize("ds_config", ["zero0_fp32.json", "zero3_bf16.json"])
-def test_a_toy_objective_trains_beside_albefs_three(tmp_path, tiny_shards, ds_config):
-    objectives = {"itc": {"queue_size": 64}, "itm": {}, "mlm": {},
+# ZeRO-0 with ALBEF's momentum distillation; ZeRO-3 with in-batch ITC and no distillation, so that export and
+# fine-tuning also meet a checkpoint without momentum copies or queues.
+@pytest.mark.parametrize("ds_config, momentum", [("zero0_fp32.json", True), ("zero3_bf16.json", False)])
+def test_a_toy_objective_trains_beside_albefs_three(tmp_path, tiny_shards, ds_config, momentum):
+    objectives = {"itc": {"queue_size": 64, "momentum_distillation": momentum}, "itm": {}, "mlm": {},
                   "toy": {"class_path": "tests.pretrain.test_adding_an_objective:ToyTerm", "weight": 0.5,
                           "scale": 2.0}}
-    experiment = write_experiment(tmp_path, tiny_shards, objectives=objectives)
+    experiment = write_experiment(tmp_path, tiny_shards, objectives=objectives,
+                                  distillation={"alpha": 0.4 if momentum else 0.0})
     run_pretrain(experiment, write_ds_config(tmp_path, ds_config), ranks=2, extra=["--max-steps", "3"])
     steps = logged_steps(tmp_path / "run")
     assert sorted(steps) == [1, 2, 3]
@@ -73,5 +76,12 @@ def test_a_toy_objective_trains_beside_albefs_three(tmp_path, tiny_shards, ds_co
                    env={**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)}, capture_output=True)
     weights = load_file(str(exported))
     assert weights["objectives.toy.head.weight"].shape == (1, 64)
-    assert "visual_encoder.blocks.0.attn.qkv.weight" in weights and "text_encoder_m.cls.predictions.bias" in weights
-    assert json.loads(json.dumps(task_state["objectives"]["itc"]))["weight"] == 1.0
+    assert "visual_encoder.blocks.0.attn.qkv.weight" in weights
+    assert ("text_encoder_m.cls.predictions.bias" in weights) == momentum
+    assert ("image_queue" in weights) == momentum
+    assert bool(task_state["momentum"]) == momentum
+
+    # Fine-tuning reads this checkpoint, whichever it is: the backbone, without the pretraining-only heads.
+    for source in (checkpoints, exported):
+        backbone = backbone_state(open_checkpoint(str(source)), num_patches=None)
+        assert "itm_head.weight" in backbone and not any(name.startswith("objectives.") for name in backbone)
