@@ -7,6 +7,7 @@ and is listed with ``class_path`` since it is not in ``pretrain.objectives.OBJEC
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -49,9 +50,10 @@ class ToyTerm(Objective):
         return {"toy": self.config.scale * F.mse_loss(prediction, batch["image"].float().mean(dim=(1, 2, 3)))}
 
 
-# ZeRO-0 with ALBEF's momentum distillation; ZeRO-3 with in-batch ITC and no distillation, so that export and
-# fine-tuning also meet a checkpoint without momentum copies or queues.
-@pytest.mark.parametrize("ds_config, momentum", [("zero0_fp32.json", True), ("zero3_bf16.json", False)])
+# ZeRO-3 with ALBEF's momentum distillation (export consolidates the partitions into ALBEF's layout); ZeRO-0
+# with in-batch ITC and no distillation, so that export and fine-tuning also meet a checkpoint without
+# momentum copies or queues.
+@pytest.mark.parametrize("ds_config, momentum", [("zero3_bf16.json", True), ("zero0_fp32.json", False)])
 def test_a_toy_objective_trains_beside_albefs_three(tmp_path, tiny_shards, ds_config, momentum):
     objectives = {"itc": {"queue_size": 64, "momentum_distillation": momentum}, "itm": {}, "mlm": {},
                   "toy": {"class_path": "tests.pretrain.test_adding_an_objective:ToyTerm", "weight": 0.5,
@@ -61,7 +63,10 @@ def test_a_toy_objective_trains_beside_albefs_three(tmp_path, tiny_shards, ds_co
     run_pretrain(experiment, write_ds_config(tmp_path, ds_config), ranks=2, extra=["--max-steps", "3"])
     steps = logged_steps(tmp_path / "run")
     assert sorted(steps) == [1, 2, 3]
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "global_step3"
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["steps"] == 3
     for record in steps.values():
+        assert all(torch.isfinite(torch.tensor(record[term])) for term in ("loss", "itc", "itm", "mlm", "toy"))
         assert {"itc", "itm", "mlm", "toy"} <= set(record)
         weighted = record["itc"] + record["itm"] + record["mlm"] + 0.5 * record["toy"]
         assert record["loss"] == pytest.approx(weighted, rel=1e-5)
@@ -76,9 +81,16 @@ def test_a_toy_objective_trains_beside_albefs_three(tmp_path, tiny_shards, ds_co
                    env={**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)}, capture_output=True)
     weights = load_file(str(exported))
     assert weights["objectives.toy.head.weight"].shape == (1, 64)
-    assert "visual_encoder.blocks.0.attn.qkv.weight" in weights
-    assert ("text_encoder_m.cls.predictions.bias" in weights) == momentum
-    assert ("image_queue" in weights) == momentum
+    # ALBEF's layout, fp32 whatever the engine's precision, consolidated from every rank's partition.
+    assert weights["temp"].shape == () and weights["visual_encoder.pos_embed"].dtype == torch.float32
+    assert weights["visual_encoder.blocks.0.attn.qkv.weight"].shape == (192, 64)
+    assert "text_encoder.bert.encoder.layer.2.crossattention.self.query.weight" in weights
+    assert not any(name.startswith("model.") for name in weights)
+    assert (tmp_path / "exported.yaml").read_text().startswith("method: albef")
+    assert ("text_encoder_m.cls.predictions.transform.dense.weight" in weights) == momentum
+    assert ("text_queue" in weights) == momentum
+    if momentum:
+        assert weights["text_queue"].shape == (32, 64)
     assert bool(task_state["momentum"]) == momentum
 
     # Fine-tuning reads this checkpoint, whichever it is: the backbone, without the pretraining-only heads.
