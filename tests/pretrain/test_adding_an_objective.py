@@ -93,6 +93,16 @@ def test_a_toy_objective_trains_beside_albefs_three(tmp_path, tiny_shards, ds_co
         assert weights["text_queue"].shape == (32, 64)
     assert bool(task_state["momentum"]) == momentum
 
+    if momentum:  # a checkpoint of the ALBEF-only task that came before (its task state's layout) exports the same
+        older = {"step": 3, "momentum": task_state["momentum"], **task_state["objective_state"]["itc"]}
+        torch.save(older, checkpoints / "global_step3" / "task_state.pt")
+        subprocess.run([sys.executable, "-m", "pretrain.export", str(checkpoints), str(tmp_path / "older.safetensors")],
+                       cwd=REPO, check=True, env={**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)},
+                       capture_output=True)
+        older_weights = load_file(str(tmp_path / "older.safetensors"))
+        assert older_weights.keys() == weights.keys()
+        assert all(torch.equal(older_weights[name], weights[name]) for name in weights)
+
     # Fine-tuning reads this checkpoint, whichever it is: the backbone, without the pretraining-only heads.
     for source in (checkpoints, exported):
         backbone = backbone_state(open_checkpoint(str(source)), num_patches=None)
