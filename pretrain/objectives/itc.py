@@ -12,7 +12,11 @@ features and ``temp`` learn. Similarities are computed in fp32 whatever the feat
 All features must already be L2-normalised ([B, D] rows; queues (D, Q) columns, as ``FeatureQueue``).
 
 ``contrastive_loss_in_batch`` is symmetric InfoNCE whose negatives are the whole global batch
-(``all_gather_with_grad``), for objectives without queues (X-VLM, ViCHA hierarchical ITC).
+(``all_gather_with_grad``), for objectives without queues (X-VLM, ViCHA hierarchical ITC) and, with image
+ids as positives, for retrieval fine-tuning.
+
+``ITC`` is the objective (``objectives.itc`` in a config): ALBEF's loss with its two feature queues, or the
+in-batch loss with ``momentum_distillation: false``.
 
 Use::
 

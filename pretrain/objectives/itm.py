@@ -26,6 +26,9 @@ Use::
     logits = itm_head(fused_cls(texts, images))                      # [3B, 2]
     loss = itm_loss(logits, itm_labels(B, logits.device), valid=itm_valid_mask(exclude))
 
+``ITM`` is the objective (``objectives.itm``): it draws from ITC's in-batch similarities of the same step
+when ITC ran first, as ALBEF does.
+
 Tests: ``.venv/bin/python -m pytest -q tests/pretrain/objectives/test_itm.py``.
 """
 

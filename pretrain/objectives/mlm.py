@@ -22,6 +22,9 @@ Use::
         logits_m = momentum_text_encoder(masked_ids, image_embeds_m)
     loss = mlm_loss(logits, labels, logits_m, alpha)
 
+``MLM`` is the objective (``objectives.mlm``): masking at ``probability``, the fusion layers reading the image
+tokens, and the momentum text encoder's logits as soft targets when distillation is on.
+
 Tests: ``.venv/bin/python -m pytest -q tests/pretrain/objectives/test_mlm.py``.
 """
 
