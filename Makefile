@@ -1,5 +1,6 @@
 # make setup: .venv/ with everything installed (a second run with nothing changed is a no-op).
-# make test:  lint + test suite.   make demo: the embedded end-to-end run.
+# make test:  lint + test suite.   make demo: the embedded end-to-end run (METHOD=albef by default;
+# another method's demo is scripts/demo_<method>.sh, e.g. make demo METHOD=xvlm).
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -33,8 +34,10 @@ lint: setup
 test: lint
 	$(PY) -m pytest -q tests
 
+METHOD ?= albef
+
 demo: setup
-	bash scripts/demo.sh
+	bash scripts/$(if $(filter albef,$(METHOD)),demo.sh,demo_$(METHOD).sh)
 
 clean:
 	rm -rf runs data .pytest_cache
