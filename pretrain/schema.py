@@ -17,6 +17,9 @@ from pretrain.config import require, require_at_least, require_choice
 
 DATA_MODES = ("exact", "resampled")       # data_shards.reader.MODES
 DECODERS = ("pil", "dali", "auto")       # data_shards.loader.DECODERS
+ITM_HEADS = ("linear", "mlp")            # pretrain.models.albef.build_itm_head
+SCHEDULES = ("cosine", "linear")         # pretrain.engine.lr_schedule
+NO_DECAY_RULES = ("albef", "xvlm")       # pretrain.task.parameter_groups
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,10 @@ class ModelConfig:
     max_text_length: int = 25
     trailing_sep: bool = False                    # released ALBEF checkpoints expect no trailing [SEP]
     grad_checkpointing: bool = False
+    # X-VLM: its ITM head is an MLP (Linear 2H -> LayerNorm -> GELU -> Linear), ALBEF's one Linear.
+    itm_head: str = "linear"                      # linear | mlp
+    # X-VLM: the last ViT blocks in which a region's copy of its image attends only to its box (Swin: unused).
+    local_attn_depth: int = 4
 
     def __post_init__(self):
         require_at_least(self.image_size, "image_size", 1)
@@ -41,6 +48,8 @@ class ModelConfig:
         require_at_least(self.embed_dim, "embed_dim", 1)
         require_at_least(self.max_text_length, "max_text_length", 2)
         require(self.temp > 0, "temp", f"must be positive, got {self.temp}")
+        require_choice(self.itm_head, "itm_head", ITM_HEADS)
+        require_at_least(self.local_attn_depth, "local_attn_depth", 1)
 
 
 @dataclass(frozen=True)
