@@ -62,11 +62,31 @@ def load_encoder_weights(model: ALBEFModel, model_config: ModelConfig) -> dict:
                                     bert_dir=bert_directory(model_config) if model_config.load_bert_weights else None)
 
 
+# Backbone parts that never come from unimodal weights: new in every pretraining run.
+HEADS = ("vision_proj.", "text_proj.", "itm_head.", "temp")
+
+
+def new_parameter_names(model: ALBEFModel, reports: dict) -> frozenset[str]:
+    """Backbone parameters (``model.*``) a pretraining run starts untrained: the heads, the projections, the
+    temperature, and whatever the unimodal weights did not fill (cross-attention, a head the BERT file lacks, a
+    whole tower given no weights). X-VLM trains these at ``lr x lr_mult``."""
+    names = set()
+    for prefix, report in (("visual_encoder.", reports.get("vision")), ("text_encoder.", reports.get("text"))):
+        tower = {name for name, _ in model.named_parameters() if name.startswith(prefix)}
+        names |= tower if report is None else tower & {prefix + key for key in
+                                                       (*report.missing, *report.expected_missing)}
+    names |= {name for name, _ in model.named_parameters() if name.startswith(HEADS)}
+    return frozenset("model." + name for name in names)
+
+
 def build_task(config: PretrainConfig, specs: list[ObjectiveSpec], plan: StepPlan):
     """The pretraining task (backbone + objectives) and its tokenizer."""
     model, tokenizer = build_backbone(config.model)
-    load_encoder_weights(model, config.model)
+    reports = load_encoder_weights(model, config.model)
     build = BuildContext(model=model, tokenizer=tokenizer, global_batch=plan.global_batch,
                          steps_per_epoch=plan.steps_per_epoch, distillation_alpha=config.distillation.alpha)
     objectives = {spec.name: spec.cls(spec.options, build) for spec in specs}
-    return PretrainTask(model, objectives, specs, config.distillation, plan.steps_per_epoch, config.method), tokenizer
+    new = new_parameter_names(model, reports) | {f"objectives.{name}.{parameter}" for name, objective in
+                                                 objectives.items() for parameter, _ in objective.named_parameters()}
+    return PretrainTask(model, objectives, specs, config.distillation, plan.steps_per_epoch, config.method,
+                        optim=config.optim, new_parameters=new), tokenizer

@@ -82,10 +82,13 @@ class StreamConfig:
 
     train: list[SourceConfig]
     probability: float = 1.0
+    batch_size: int | None = None                 # samples per batch and rank; default: the DeepSpeed micro-batch
+    options: dict = field(default_factory=dict)   # the stream's own settings, checked by its method's recipe
 
     def __post_init__(self):
         require(bool(self.train), "train", "lists no shard source")
         require(0.0 < self.probability <= 1.0, "probability", f"must lie in (0, 1], got {self.probability}")
+        require_at_least(self.batch_size, "batch_size", 1)
 
 
 @dataclass(frozen=True)
@@ -124,6 +127,13 @@ class OptimConfig:
     warmup_lr: float = 1e-5
     warmup_steps: int = 2000
     epochs: int = 30
+    # cosine: warm-up from warmup_lr, then cosine to min_lr (ALBEF); linear: warm-up from 0, then linear to 0 at
+    # the schedule's end (X-VLM; warmup_lr and min_lr unused).
+    schedule: str = "cosine"
+    lr_mult: float = 1.0                          # X-VLM: lr x lr_mult for newly initialised parameters (heads,
+                                                  # projections, cross-attention, temp, anything not loaded)
+    no_decay: str = "albef"                       # which parameters skip weight decay: albef (1-D and biases) |
+                                                  # xvlm (names holding bias, LayerNorm., norm., norm1., norm2.)
 
     def __post_init__(self):
         require(self.lr > 0, "lr", f"must be positive, got {self.lr}")
@@ -132,6 +142,9 @@ class OptimConfig:
         require_at_least(self.warmup_lr, "warmup_lr", 0)
         require_at_least(self.warmup_steps, "warmup_steps", 0)
         require_at_least(self.epochs, "epochs", 1)
+        require_choice(self.schedule, "schedule", SCHEDULES)
+        require(self.lr_mult > 0, "lr_mult", f"must be positive, got {self.lr_mult}")
+        require_choice(self.no_decay, "no_decay", NO_DECAY_RULES)
 
 
 @dataclass(frozen=True)
