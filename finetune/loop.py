@@ -45,6 +45,7 @@ from pretrain.config import ConfigError, config_to_dict, from_mapping, load_conf
 from pretrain.engine import StepPlan, ds_config_for, plan_steps, start_engine
 from pretrain.lockstep import DataFailure, control_group, lockstep_batches
 from pretrain.metrics_log import MetricsLog
+from pretrain.models.swin import fit_vision_state
 from pretrain.runtime import cpu_thread_notes, is_first_rank, release_shared_memory, to_device
 from pretrain.safe_loading import restricted_unpickling
 from pretrain.task import parameter_groups
@@ -206,8 +207,10 @@ def load_weights(task_module, spec: TaskSpec, config: FinetuneConfig, path: str,
     if source.kind == "finetune":
         checkpoints.load_matching(task_module, checkpoints.task_state(source), source=source.describe())
     else:
-        num_patches = task_module.model.visual_encoder.num_patches
-        state = checkpoints.backbone_state(source, num_patches)
+        visual_encoder = task_module.model.visual_encoder
+        state = checkpoints.backbone_state(source, visual_encoder.num_patches,
+                                           keep_objectives=getattr(task_module, "pretrained_objectives", ()))
+        state = fit_vision_state(visual_encoder, state)  # a Swin's windows at this resolution (ViTs: unchanged)
         # Backbone keys are ALBEF's names; a task module holds the backbone as ``model`` and may map some
         # keys itself (VQA's answer decoder starts from the fusion layers, NLVR2 duplicates them).
         if hasattr(task_module, "backbone_to_task"):

@@ -213,6 +213,18 @@ def fit_swin_state(encoder: SwinEncoder, state_dict: dict) -> tuple[dict, tuple[
     return state, dropped, tuple(resized)
 
 
+def fit_vision_state(visual_encoder, state: dict, prefix: str = "visual_encoder.") -> dict:
+    """A backbone ``state`` whose image-tower keys (under ``prefix``) fit ``visual_encoder``: for a Swin, Microsoft
+    names mapped, recomputed buffers dropped and relative position tables resized to its windows (a ViT's
+    ``pos_embed`` is interpolated where checkpoints are read); other keys and other towers pass unchanged."""
+    if not isinstance(visual_encoder, SwinEncoder):
+        return state
+    tower = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
+    fitted, _, _ = fit_swin_state(visual_encoder, tower)
+    return {**{key: value for key, value in state.items() if not key.startswith(prefix)},
+            **{prefix + key: value for key, value in fitted.items()}}
+
+
 def load_swin_weights(encoder: SwinEncoder, path: str, *, strict: bool = True) -> LoadReport:
     """Load a local Swin checkpoint into ``encoder`` (see the module docstring); a key that still does not fit
     is an error listing them all (or, without ``strict``, only reported)."""
