@@ -219,6 +219,8 @@ def load_weights(task_module, spec: TaskSpec, config: FinetuneConfig, path: str,
             state = {f"model.{name}": value for name, value in state.items()}
         report = checkpoints.load_matching(task_module, state, new=spec.new_keys, unused=spec.unused_keys,
                                            source=source.describe())
+        # What the task starts untrained (its heads): X-VLM trains these at lr x optim.lr_mult.
+        task_module.new_parameters = frozenset(report.expected_missing)
         log.note(f"loaded {source.describe()}: {len(report.expected_missing)} new task keys, "
                  f"{len(report.dropped)} checkpoint keys unused")
     return source.describe()
@@ -269,8 +271,11 @@ def finetune(spec: TaskSpec, args: argparse.Namespace) -> dict:
     samples = one_step if args.evaluate else (
         config.data.train_samples or samples_in(config.data.train, setting="data.train_samples"))
     plan = plan_steps(ds_config, samples, world, config.optim, config.run.max_steps)
-    engine = start_engine(task_module, parameter_groups(task_module, config.optim.weight_decay), ds_config,
-                          config.optim, plan)
+    optim = config.optim
+    groups = parameter_groups(task_module, optim.weight_decay, rule=optim.no_decay,
+                              new=getattr(task_module, "new_parameters", frozenset()),
+                              new_lr=optim.lr * optim.lr_mult if optim.lr_mult != 1 else None)
+    engine = start_engine(task_module, groups, ds_config, config.optim, plan)
     if rank == 0:
         save_config(config, os.path.join(output_dir, "config.yaml"))
     dist.barrier()

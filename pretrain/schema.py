@@ -41,6 +41,9 @@ class ModelConfig:
     itm_head: str = "linear"                      # linear | mlp
     # X-VLM: the last ViT blocks in which a region's copy of its image attends only to its box (Swin: unused).
     local_attn_depth: int = 4
+    # Start a pretraining run from a whole pretrained model instead of unimodal weights (X-VLM's domain pretraining):
+    # a pretrain.export / imported X-VLM .safetensors, or a run's checkpoints directory.
+    init_checkpoint: str | None = None
 
     def __post_init__(self):
         require_at_least(self.image_size, "image_size", 1)

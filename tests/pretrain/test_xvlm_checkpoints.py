@@ -19,11 +19,14 @@ from safetensors.torch import load_file, save_file
 
 from finetune import captioning, grounding, nlvr2, retrieval, vqa
 from finetune.checkpoints import CheckpointError, backbone_state, load_matching, open_checkpoint
-from pretrain.build import build_backbone
-from pretrain.config import from_mapping
+from pretrain.build import build_backbone, load_init_checkpoint
+from pretrain.config import ConfigError, from_mapping
 from pretrain.importers.xvlm import XVLMImportError, export_xvlm, import_xvlm, main
 from pretrain.models.albef import from_albef_state_dict
 from pretrain.models.swin import fit_vision_state, resize_relative_position_table
+from pretrain.objectives.base import BuildContext
+from pretrain.objectives.region import RegionITC
+from pretrain.objectives.region_box import Box, BoxConfig
 from pretrain.schema import ModelConfig
 from tests.pretrain.conftest import TINY_MODEL
 from tests.pretrain.xvlm_released import SwinShape, TextShape, ViTShape, released_state
@@ -194,15 +197,21 @@ def test_fine_tuned_files_load_into_their_tasks(tmp_path, layout, module, option
                            released["text_decoder.bert.encoder.layer.2.crossattention.self.key.weight"])
 
 
-def test_an_nlvr2_file_names_what_does_not_fit_our_nlvr2_head(tmp_path):
-    """X-VLM's NLVR2 head is an MLP with LayerNorm; ours is ALBEF's Linear -> ReLU -> Linear: the loader says so."""
+def test_an_nlvr2_file_loads_with_x_vlms_head_and_names_what_does_not_fit_albefs():
+    """X-VLM's NLVR2 file: the doubled fusion encoder and an MLP head (options.head: mlp); ALBEF's head does not fit,
+    and the loader says which keys."""
     ours, report = import_xvlm(released_state(TEXT, SWIN, layout="nlvr"))
     assert not report.unplaced
-    model, tokenizer = build_backbone(model_config("swin"))
-    task = nlvr2.SPEC.build(model, tokenizer, from_mapping(nlvr2.Options, {}, "options"))
-    state = task.backbone_to_task(from_albef_state_dict(ours)[0])
-    with pytest.raises(CheckpointError, match=r"unexpected \(6\): model.cls_head.0.bias, model.cls_head.0.weight"):
-        load_matching(task, state, new=nlvr2.SPEC.new_keys, unused=nlvr2.SPEC.unused_keys)
+    for head in ("mlp", "albef"):
+        model, tokenizer = build_backbone(model_config("swin"))
+        task = nlvr2.SPEC.build(model, tokenizer, from_mapping(nlvr2.Options, {"head": head}, "options"))
+        state = task.backbone_to_task(fit_vision_state(model.visual_encoder, from_albef_state_dict(ours)[0]))
+        if head == "mlp":
+            report = load_matching(task, state, new=nlvr2.SPEC.new_keys, unused=nlvr2.SPEC.unused_keys)
+            assert not report.expected_missing and torch.equal(task.cls_head[1].weight, state["cls_head.1.weight"])
+        else:
+            with pytest.raises(CheckpointError, match=r"unexpected \(4\): cls_head.1.bias, cls_head.1.weight"):
+                load_matching(task, state, new=nlvr2.SPEC.new_keys, unused=nlvr2.SPEC.unused_keys)
 
 
 def test_the_command_line_imports_and_exports(tmp_path, capsys):
@@ -221,3 +230,23 @@ def test_the_command_line_imports_and_exports(tmp_path, capsys):
     assert set(back) == set(released) and all(torch.equal(back[name], released[name]) for name in released)
     assert main(["import", str(tmp_path / "missing.th"), str(tmp_path / "x.safetensors")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_a_pretraining_run_can_start_from_an_imported_file(tmp_path):
+    """model.init_checkpoint (X-VLM's domain pretraining starts from a pretrained X-VLM): backbone and box head."""
+    released = released_state(TEXT, DEIT)
+    save_file({name: value.contiguous().clone() for name, value in import_xvlm(released)[0].items()},
+              str(tmp_path / "xvlm.safetensors"))
+    model, tokenizer = build_backbone(model_config("deit"))
+    context = BuildContext(model=model, tokenizer=tokenizer, global_batch=2, steps_per_epoch=1, distillation_alpha=0)
+    objectives = {"box": Box(BoxConfig(), context), "region_itc": RegionITC(RegionITC.Config(), context)}
+    untrained = load_init_checkpoint(model, objectives, str(tmp_path / "xvlm.safetensors"))
+    assert torch.equal(objectives["box"].head.layers[0].weight, released["bbox_head.0.weight"])
+    assert torch.equal(model.itm_head[3].weight, released["itm_head.3.weight"])
+    qkv = released["vision_encoder.blocks.1.attn.qkv.weight"]
+    assert torch.equal(model.visual_encoder.blocks[1].attn.qkv.weight, qkv)
+    assert untrained == frozenset()
+    model, _ = build_backbone(model_config("deit", embed_dim=16))
+    with pytest.raises(ConfigError, match=r"does not fit the configured model:\n  unexpected: \[\]\n  shape mismatch: "
+                                          r"\['model.text_proj.bias \[32\] vs \[16\]'"):
+        load_init_checkpoint(model, {}, str(tmp_path / "xvlm.safetensors"))

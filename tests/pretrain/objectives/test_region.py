@@ -202,8 +202,8 @@ def test_region_mlm_predicts_masked_region_text_reading_only_its_region(tiny):
     loss = objective(None, None, {"streams": {"regions": regions}}, step)["region_mlm"]
     encoded = step.shared["region_encoding"]
     torch.manual_seed(7)
-    masked_ids, labels = span_mask_batch(regions["input_ids"], regions["attention_mask"], SpanMLMConfig(probability=0.5),
-                                         MaskingVocabulary.of(tokenizer))
+    masked_ids, labels = span_mask_batch(regions["input_ids"], regions["attention_mask"],
+                                         SpanMLMConfig(probability=0.5), MaskingVocabulary.of(tokenizer))
     assert (labels != -100).sum() >= 5
     text = model.text_encoder
     with torch.no_grad():
