@@ -45,6 +45,7 @@ FLIP_TEXT_MODES = ("swap", "skip", "none")
 RANDAUGMENT_OPS = ("identity", "autocontrast", "equalize", "brightness", "sharpness",
                    "shear_x", "shear_y", "translate_x", "translate_y", "rotate")
 GEOMETRIC_OPS = ("shear_x", "shear_y", "translate_x", "translate_y", "rotate")
+PHOTOMETRIC_OPS = tuple(name for name in RANDAUGMENT_OPS if name not in GEOMETRIC_OPS)
 RANDAUGMENT_MAX_LEVEL = 10
 # Fields of a sample's json whose strings talk about the image and follow a left/right swap.
 SWAPPED_META_FIELDS = ("captions", "sentence", "question", "answers", "text")
@@ -66,6 +67,9 @@ class TransformConfig:
     flip_text: str = "swap"  # "swap" left<->right words; "skip" = X-VLM careful_hflip; "none"
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
+    # X-VLM's region batches run RandomAugment over the photometric ops only (no shear, translate or rotate),
+    # so that a box stays the rectangle the crop made of it.
+    randaugment_geometric: bool = True
 
     def __post_init__(self) -> None:
         problems = []
@@ -196,14 +200,14 @@ def invert_affine(affine) -> tuple[float, ...]:
 
 
 def draw_randaugment(
-    rng: random.Random, num_ops: int, magnitude: int, size: tuple[int, int]
+    rng: random.Random, num_ops: int, magnitude: int, size: tuple[int, int], ops: tuple[str, ...] = RANDAUGMENT_OPS
 ) -> tuple[tuple[float, ...] | None, tuple[tuple[str, float], ...]]:
-    """ALBEF RandomAugment(num_ops, magnitude): ops drawn with replacement, each applied with p 0.5;
-    geometric ops get a random sign. Returns (composed forward affine or None, photometric ops)."""
+    """ALBEF RandomAugment(num_ops, magnitude): ops drawn with replacement from ``ops``, each applied with
+    p 0.5; geometric ops get a random sign. Returns (composed forward affine or None, photometric ops)."""
     composed = None
     photometric = []
     for _ in range(num_ops):
-        name = rng.choice(RANDAUGMENT_OPS)
+        name = rng.choice(ops)
         if rng.random() > 0.5:
             continue
         value = randaugment_value(name, magnitude)
@@ -242,7 +246,8 @@ def plan_augment(
     flip = rng.random() < config.hflip_prob
     if flip and config.flip_text == "skip" and mentions_left_or_right(text):
         flip = False
-    affine, photometric = draw_randaugment(rng, config.randaugment_ops, config.randaugment_magnitude, size)
+    ops = RANDAUGMENT_OPS if config.randaugment_geometric else PHOTOMETRIC_OPS
+    affine, photometric = draw_randaugment(rng, config.randaugment_ops, config.randaugment_magnitude, size, ops)
     return AugmentPlan(crop, flip, size, affine, photometric)
 
 
@@ -286,6 +291,16 @@ def transform_boxes(boxes, plan: AugmentPlan, *, min_side: float = 1.0) -> tuple
         boxes = _clip(boxes, width, height)
         keep &= _has_area(boxes, min_side)
     return boxes.astype(np.float32), keep
+
+
+def visible_fractions(boxes, crop) -> np.ndarray:
+    """The share of each (N, 4) xyxy source box's area that lies inside the ``crop`` window (0 for an empty box)."""
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    crop_x0, crop_y0, crop_x1, crop_y1 = crop
+    width = np.clip(np.minimum(boxes[:, 2], crop_x1) - np.maximum(boxes[:, 0], crop_x0), 0, None)
+    height = np.clip(np.minimum(boxes[:, 3], crop_y1) - np.maximum(boxes[:, 1], crop_y0), 0, None)
+    area = (boxes[:, 2] - boxes[:, 0]).clip(0) * (boxes[:, 3] - boxes[:, 1]).clip(0)
+    return np.where(area > 0, width * height / np.where(area > 0, area, 1.0), 0.0)
 
 
 def _swap_word(match: re.Match) -> str:
@@ -351,7 +366,9 @@ def transform_meta(
 ) -> dict:
     """A new meta whose boxes and texts match the augmented image; ``meta`` is not modified.
 
-    ``regions[*].box`` move (regions whose box vanished are dropped, order kept), ``box`` (RefCOCO
+    ``regions[*].box`` move (regions whose box vanished are dropped, order kept); with ``config.region_crop``
+    each kept region also gets ``visible``, the share of its source box's area inside the crop window (what
+    X-VLM's ``min_perc_in_image`` tests), ``box`` (RefCOCO
     target) and ``proposals`` move and are kept even when clipped; ``width``/``height`` become the
     output size. On a "swap" flip the region ``text`` and the fields in ``SWAPPED_META_FIELDS`` swap
     left/right, and region ``span`` offsets are remapped into the swapped ``caption`` (the sample's
@@ -373,12 +390,16 @@ def transform_meta(
                 "pass caption=<the sample's txt> so the spans can follow the swapped words"
             )
         new_offset = swap_left_right(caption)[1] if swapped and has_spans else None
-        moved, keep = transform_boxes([region["box"] for region in regions], plan)
+        source_boxes = [region["box"] for region in regions]
+        moved, keep = transform_boxes(source_boxes, plan)
+        visible = visible_fractions(source_boxes, plan.crop) if config.region_crop else None
         new_regions = []
-        for region, box, kept in zip(result["regions"], moved, keep, strict=True):
+        for index, (region, box, kept) in enumerate(zip(result["regions"], moved, keep, strict=True)):
             if not kept:
                 continue
             region["box"] = [float(value) for value in box]
+            if visible is not None:
+                region["visible"] = float(visible[index])
             if swapped and isinstance(region.get("text"), str):
                 region["text"] = swap_left_right(region["text"])[0]
             if new_offset is not None and "span" in region:

@@ -77,8 +77,11 @@ def open_checkpoint(path: str, trusted: bool = False) -> Checkpoint:
     return Checkpoint(kind, path, directory, tag, trusted)
 
 
-def backbone_state(checkpoint: Checkpoint, num_patches: int | None) -> dict[str, torch.Tensor]:
-    """The online ALBEF weights (momentum copies and queues dropped), ``pos_embed`` resized to ``num_patches``."""
+def backbone_state(checkpoint: Checkpoint, num_patches: int | None,
+                   keep_objectives: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """The online ALBEF weights (momentum copies and queues dropped), ``pos_embed`` resized to ``num_patches``;
+    the heads of the pretraining objectives named in ``keep_objectives`` stay (``objectives.<name>.*``), for a task
+    that starts from one (X-VLM's box head)."""
     if checkpoint.kind == "finetune":
         raise CheckpointError(f"{checkpoint.path} is a fine-tuned task checkpoint, not a pretraining one")
     try:
@@ -87,8 +90,11 @@ def backbone_state(checkpoint: Checkpoint, num_patches: int | None) -> dict[str,
     except (OSError, ValueError, RuntimeError) as error:
         raise CheckpointError(f"cannot read checkpoint {checkpoint.describe()}: {error}") from None
     model_state, _momentum, _queues = from_albef_state_dict(state, num_patches=num_patches)
-    # Heads of pretraining objectives (objectives.<name>.*) serve pretraining only; tasks bring their own.
-    return {name: value for name, value in model_state.items() if not name.startswith(OBJECTIVE_PREFIX)}
+    # Heads of pretraining objectives (objectives.<name>.*) serve pretraining only; tasks bring their own, unless
+    # they ask for one by name.
+    kept = tuple(f"{OBJECTIVE_PREFIX}{name}." for name in keep_objectives)
+    return {name: value for name, value in model_state.items()
+            if not name.startswith(OBJECTIVE_PREFIX) or name.startswith(kept)}
 
 
 def task_state(checkpoint: Checkpoint) -> dict[str, torch.Tensor]:

@@ -17,7 +17,9 @@ heat map over the image patches. Each proposal scores the heat inside it over ``
 best one is the prediction. ``chance`` is the expected accuracy of a random proposal.
 
 ``options.mode: box`` (X-VLM, reference/methods.md section 1): an MLP on the fused [CLS] predicts the box as
-sigmoid (cx, cy, w, h) over the image size, trained with L1 + (1 - GIoU). ``chance`` is the accuracy of
+sigmoid (cx, cy, w, h) over the image size, trained with L1 + (1 - GIoU); it starts from the pretraining
+checkpoint's box head when there is one (X-VLM's pretraining ``box`` objective; ``pretrained_box_head``), so
+``--evaluate`` on a pretraining checkpoint measures that head's zero-shot grounding. ``chance`` is the accuracy of
 always predicting the evaluated split's mean box (the mean train box for a split drawn like the train one);
 ``chance_random_proposal`` is reported beside it when the split has proposals.
 
@@ -48,6 +50,7 @@ from pretrain.objectives.box import BoxHead, box_losses, cxcywh_to_xyxy, xyxy_to
 from pretrain.text import pre_caption
 
 MODES = ("gradcam", "box")
+PRETRAINED_BOX_OBJECTIVE = "box"   # the pretraining objective that owns X-VLM's box head (pretrain/objectives)
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,9 @@ class Options:
     gradcam_layer: int | None = None   # text layer index whose cross-attention Grad-CAM reads; None: the last
     area_exponent: float = 0.5         # proposal score = heat inside / area ** area_exponent (ALBEF 0.5)
     giou_weight: float = 1.0           # box training: L1 + giou_weight * (1 - GIoU)
+    # box mode: start from the pretraining checkpoint's box head (objectives.box, X-VLM's bbox_head) when it has
+    # one, as X-VLM's grounding does; a checkpoint without one gives a new head.
+    pretrained_box_head: bool = True
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -214,6 +220,15 @@ class BoxGroundingTask(nn.Module):
         model.text_encoder.cls = None  # the MLM head is not used
         self.box_head = BoxHead(model.text_encoder.hidden_size)
         self.layer_index = gradcam_layer_index(model, options)  # for ``visualize``
+        # Read by finetune.loop.load_weights: pretraining objectives whose heads the checkpoint should keep.
+        self.pretrained_objectives = (PRETRAINED_BOX_OBJECTIVE,) if options.pretrained_box_head else ()
+
+    def backbone_to_task(self, state: dict) -> dict:
+        """Backbone keys under ``model.``; the pretrained box objective's head (``objectives.box.head.*``) as
+        ``box_head.*``."""
+        head = f"objectives.{PRETRAINED_BOX_OBJECTIVE}.head."
+        return {("box_head." + name[len(head):]) if name.startswith(head) else f"model.{name}": value
+                for name, value in state.items()}
 
     def predict_normalised(self, images, input_ids, attention_mask) -> torch.Tensor:
         image_tokens, _ = self.model.image_embeddings(images.to(self.model.vision_proj.weight.dtype))
@@ -267,9 +282,12 @@ def build_task(model, tokenizer, options: Options) -> nn.Module:
     return GradcamGroundingTask(model, options) if options.mode == "gradcam" else BoxGroundingTask(model, options)
 
 
+# X-VLM's fine-tuned grounding checkpoints (refcoco_bbox) hold no ITM head, projections or temperature: box mode does
+# not use them, so a checkpoint may lack them.
 SPEC = TaskSpec(name="grounding", options=Options, build=build_task,
                 adapter=lambda tokenizer, options, train: GroundingBatch(tokenizer, options.mode, train),
-                evaluate=evaluate, metric="accuracy", new_keys=("box_head.*",),
+                evaluate=evaluate, metric="accuracy",
+                new_keys=("box_head.*", "model.itm_head.*", "model.vision_proj.*", "model.text_proj.*", "model.temp"),
                 unused_keys=("model.text_encoder.cls.*",))
 
 

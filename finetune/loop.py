@@ -45,6 +45,7 @@ from pretrain.config import ConfigError, config_to_dict, from_mapping, load_conf
 from pretrain.engine import StepPlan, ds_config_for, plan_steps, start_engine
 from pretrain.lockstep import DataFailure, control_group, lockstep_batches
 from pretrain.metrics_log import MetricsLog
+from pretrain.models.swin import fit_vision_state
 from pretrain.runtime import cpu_thread_notes, is_first_rank, release_shared_memory, to_device
 from pretrain.safe_loading import restricted_unpickling
 from pretrain.task import parameter_groups
@@ -206,8 +207,10 @@ def load_weights(task_module, spec: TaskSpec, config: FinetuneConfig, path: str,
     if source.kind == "finetune":
         checkpoints.load_matching(task_module, checkpoints.task_state(source), source=source.describe())
     else:
-        num_patches = task_module.model.visual_encoder.num_patches
-        state = checkpoints.backbone_state(source, num_patches)
+        visual_encoder = task_module.model.visual_encoder
+        state = checkpoints.backbone_state(source, visual_encoder.num_patches,
+                                           keep_objectives=getattr(task_module, "pretrained_objectives", ()))
+        state = fit_vision_state(visual_encoder, state)  # a Swin's windows at this resolution (ViTs: unchanged)
         # Backbone keys are ALBEF's names; a task module holds the backbone as ``model`` and may map some
         # keys itself (VQA's answer decoder starts from the fusion layers, NLVR2 duplicates them).
         if hasattr(task_module, "backbone_to_task"):
@@ -216,6 +219,8 @@ def load_weights(task_module, spec: TaskSpec, config: FinetuneConfig, path: str,
             state = {f"model.{name}": value for name, value in state.items()}
         report = checkpoints.load_matching(task_module, state, new=spec.new_keys, unused=spec.unused_keys,
                                            source=source.describe())
+        # What the task starts untrained (its heads): X-VLM trains these at lr x optim.lr_mult.
+        task_module.new_parameters = frozenset(report.expected_missing)
         log.note(f"loaded {source.describe()}: {len(report.expected_missing)} new task keys, "
                  f"{len(report.dropped)} checkpoint keys unused")
     return source.describe()
@@ -266,8 +271,11 @@ def finetune(spec: TaskSpec, args: argparse.Namespace) -> dict:
     samples = one_step if args.evaluate else (
         config.data.train_samples or samples_in(config.data.train, setting="data.train_samples"))
     plan = plan_steps(ds_config, samples, world, config.optim, config.run.max_steps)
-    engine = start_engine(task_module, parameter_groups(task_module, config.optim.weight_decay), ds_config,
-                          config.optim, plan)
+    optim = config.optim
+    groups = parameter_groups(task_module, optim.weight_decay, rule=optim.no_decay,
+                              new=getattr(task_module, "new_parameters", frozenset()),
+                              new_lr=optim.lr * optim.lr_mult if optim.lr_mult != 1 else None)
+    engine = start_engine(task_module, groups, ds_config, config.optim, plan)
     if rank == 0:
         save_config(config, os.path.join(output_dir, "config.yaml"))
     dist.barrier()

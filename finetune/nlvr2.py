@@ -13,7 +13,8 @@ Model (reference/albef.md sections 3 and 5): every fusion layer is doubled into 
 own self-attention and feed-forward; the two blocks share the cross-attention key and value projections. A
 pretraining checkpoint's fusion layer L (from ``fusion_layer`` f on) initialises both blocks, layers 2(L - f) + f and
 2(L - f) + f + 1 (``duplicate_fusion_layers``), so a 6 + 6 layer encoder becomes 6 + 12 layers. ``cls_head`` =
-Linear(hidden, hidden) -> ReLU -> Linear(hidden, 2) on the fused [CLS], cross-entropy; label 1 = true. Evaluation:
+Linear(hidden, hidden) -> ReLU -> Linear(hidden, 2) on the fused [CLS] (``options.head: mlp``: X-VLM's Linear(hidden,
+2 hidden) -> LayerNorm -> GELU -> Linear), cross-entropy; label 1 = true. Evaluation:
 accuracy; ``chance`` is the better of 50 and always answering the split's most frequent label.
 
 Text assignment (``options.text_assignment: true``, ALBEF ``Pretrain_nlvr.py``): before fine-tuning, a phase on
@@ -45,6 +46,7 @@ from finetune.schema import FinetuneConfig
 from finetune.ve import UNUSED_BACKBONE_KEYS, classification_metrics, classifier_head, drop_unused_backbone_parts
 from pretrain.checkpoint import atomic_write_text
 from pretrain.config import ConfigError, from_mapping, load_config
+from pretrain.models.albef import build_itm_head
 from pretrain.models.text import FusionBertLayer
 from pretrain.runtime import is_first_rank
 from pretrain.text import pre_caption
@@ -62,6 +64,12 @@ class Options:
     text_assignment_samples: int | None = None   # samples per epoch of the phase (default: the shards' sizes.json)
     text_assignment_steps: int | None = None     # stop the phase after N steps (default: one epoch)
     text_assignment_lr: float | None = None      # default: optim.lr
+    # cls_head: albef (Linear -> ReLU -> Linear) | mlp (X-VLM: Linear(H, 2H) -> LayerNorm -> GELU -> Linear)
+    head: str = "albef"
+
+    def __post_init__(self):
+        if self.head not in ("albef", "mlp"):
+            raise ConfigError(f"options.head={self.head!r}: use albef (ALBEF's classifier) or mlp (X-VLM's)")
 
 
 class ImagePairFusionLayer(FusionBertLayer):
@@ -205,7 +213,8 @@ class PairTask(nn.Module):
         self.fusion_layer = model.text_encoder.fusion_layer
         double_fusion_layers(model.text_encoder)
         hidden = model.text_encoder.hidden_size
-        self.cls_head = classifier_head(hidden, 2)
+        # X-VLM's two-class head has the shape of its (and our mlp) ITM head.
+        self.cls_head = classifier_head(hidden, 2) if options.head == "albef" else build_itm_head("mlp", hidden)
         self.ta_head = nn.Linear(hidden, 3) if options.text_assignment else None
 
     def backbone_to_task(self, state: dict) -> dict:
@@ -215,7 +224,9 @@ class PairTask(nn.Module):
         indices = [int(key[len(LAYER_PREFIX):].split(".", 1)[0]) for key in state if key.startswith(LAYER_PREFIX)]
         if not indices or max(indices) < (total + self.fusion_layer) // 2:
             state = duplicate_fusion_layers(state, self.fusion_layer)
-        return {key if key.startswith("ta_head.") else f"model.{key}": value for key, value in state.items()}
+        # A fine-tuned file's own heads (X-VLM's NLVR2 checkpoints hold cls_head) are the task's.
+        return {key if key.startswith(("ta_head.", "cls_head.")) else f"model.{key}": value
+                for key, value in state.items()}
 
     def _fused_cls(self, pair_tokens: torch.Tensor, batch: dict) -> torch.Tensor:
         text = self.model.text_encoder

@@ -240,7 +240,7 @@ class VQATask(nn.Module):
 
     def question_states(self, batch: dict) -> torch.Tensor:
         model = self.model
-        image_tokens = model.visual_encoder(batch["image"].to(model.visual_encoder.cls_token.dtype))
+        image_tokens = model.visual_encoder(batch["image"].to(next(model.visual_encoder.parameters()).dtype))
         return model.text_encoder(batch["input_ids"], batch["attention_mask"], image_tokens)
 
     def forward(self, batch: dict) -> dict:

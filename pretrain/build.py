@@ -47,7 +47,8 @@ def build_backbone(model_config: ModelConfig):
     bert_dir = bert_directory(model_config)
     model = build_albef(model_config.vision, model_config.image_size, bert_dir, model_config.fusion_layer,
                         embed_dim=model_config.embed_dim, vision_overrides=dict(model_config.vision_overrides),
-                        text_overrides=dict(model_config.text_overrides), temp=model_config.temp)
+                        text_overrides=dict(model_config.text_overrides), temp=model_config.temp,
+                        itm_head=model_config.itm_head, local_attn_depth=model_config.local_attn_depth)
     if model_config.grad_checkpointing:
         model.set_grad_checkpointing(True)
     tokenizer = build_tokenizer(bert_dir, max_length=model_config.max_text_length,
@@ -61,11 +62,85 @@ def load_encoder_weights(model: ALBEFModel, model_config: ModelConfig) -> dict:
                                     bert_dir=bert_directory(model_config) if model_config.load_bert_weights else None)
 
 
+# Backbone parts that never come from unimodal weights: new in every pretraining run.
+HEADS = ("vision_proj.", "text_proj.", "itm_head.", "temp")
+
+
+def new_parameter_names(model: ALBEFModel, reports: dict) -> frozenset[str]:
+    """Backbone parameters (``model.*``) a pretraining run starts untrained: the heads, the projections, the
+    temperature, and whatever the unimodal weights did not fill (cross-attention, a head the BERT file lacks, a
+    whole tower given no weights). X-VLM trains these at ``lr x lr_mult``."""
+    names = set()
+    for prefix, report in (("visual_encoder.", reports.get("vision")), ("text_encoder.", reports.get("text"))):
+        tower = {name for name, _ in model.named_parameters() if name.startswith(prefix)}
+        names |= tower if report is None else tower & {prefix + key for key in
+                                                       (*report.missing, *report.expected_missing)}
+    names |= {name for name, _ in model.named_parameters() if name.startswith(HEADS)}
+    return frozenset("model." + name for name in names)
+
+
+def read_init_checkpoint(path: str) -> dict:
+    """The weights of a whole pretrained model in the exported layout: a ``.safetensors`` (``pretrain.export``, an
+    imported X-VLM file) or a pretraining run's checkpoints directory (consolidated at any ZeRO stage)."""
+    from pretrain.checkpoint import read_latest
+    from pretrain.export import albef_state_dict
+    from pretrain.models import read_state_dict
+
+    if os.path.isfile(path):
+        return read_state_dict(path)
+    directory = os.path.normpath(path)
+    tag = read_latest(directory)
+    if tag is None and os.path.basename(directory).startswith("global_step"):
+        directory, tag = os.path.dirname(directory), os.path.basename(directory)
+    if tag is None:
+        raise ConfigError(f"model.init_checkpoint={path!r}: neither a weight file nor a checkpoints directory with "
+                          "a 'latest' file")
+    return albef_state_dict(directory, tag)
+
+
+def load_init_checkpoint(model: ALBEFModel, objectives: dict, path: str) -> frozenset[str]:
+    """Load a whole pretrained model (``model.init_checkpoint``) into the backbone and the objectives' heads
+    (``objectives.<name>.*``); momentum copies and queues are not carried over. Returns the task's parameter names
+    the file did not fill (they start untrained). A key that fits nowhere, or a shape that differs, is an error."""
+    from pretrain.models.albef import from_albef_state_dict
+    from pretrain.models.swin import fit_vision_state
+
+    model_state, _momentum, _queues = from_albef_state_dict(read_init_checkpoint(path),
+                                                            num_patches=model.visual_encoder.num_patches)
+    model_state = fit_vision_state(model.visual_encoder, model_state)
+    targets = {**{f"model.{name}": tensor for name, tensor in model.state_dict().items()},
+               **{f"objectives.{name}.{key}": tensor for name, objective in objectives.items()
+                  for key, tensor in objective.state_dict().items()}}
+    state = {(name if name.startswith("objectives.") else f"model.{name}"): value
+             for name, value in model_state.items()}
+    unplaced = sorted(name for name in state if name not in targets and not name.startswith("objectives."))
+    mis_shaped = sorted(f"{name} {list(state[name].shape)} vs {list(targets[name].shape)}" for name in state
+                        if name in targets and state[name].shape != targets[name].shape)
+    if unplaced or mis_shaped:
+        raise ConfigError(f"model.init_checkpoint={path!r} does not fit the configured model:\n  unexpected: "
+                          f"{unplaced[:12]}\n  shape mismatch: {mis_shaped[:12]}")
+    model.load_state_dict({name[len("model."):]: value for name, value in state.items() if name.startswith("model.")},
+                          strict=False)
+    for name, objective in objectives.items():
+        prefix = f"objectives.{name}."
+        own = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
+        if own:
+            objective.load_state_dict(own, strict=False)
+    return frozenset(name for name in targets if name not in state)
+
+
 def build_task(config: PretrainConfig, specs: list[ObjectiveSpec], plan: StepPlan):
     """The pretraining task (backbone + objectives) and its tokenizer."""
     model, tokenizer = build_backbone(config.model)
-    load_encoder_weights(model, config.model)
+    reports = load_encoder_weights(model, config.model)
     build = BuildContext(model=model, tokenizer=tokenizer, global_batch=plan.global_batch,
                          steps_per_epoch=plan.steps_per_epoch, distillation_alpha=config.distillation.alpha)
     objectives = {spec.name: spec.cls(spec.options, build) for spec in specs}
-    return PretrainTask(model, objectives, specs, config.distillation, plan.steps_per_epoch, config.method), tokenizer
+    if config.model.init_checkpoint:
+        new = load_init_checkpoint(model, objectives, resolve_path(config.model.init_checkpoint))
+    else:
+        heads = {f"objectives.{name}.{parameter}" for name, objective in objectives.items()
+                 for parameter, _ in objective.named_parameters()}
+        new = new_parameter_names(model, reports) | heads
+    return PretrainTask(model, objectives, specs, config.distillation, plan.steps_per_epoch, config.method,
+                        optim=config.optim, new_parameters=new), tokenizer

@@ -54,7 +54,17 @@ def ds_config_for(path: str, optim: OptimConfig) -> tuple[dict, list[str]]:
 
 
 def lr_schedule(optimizer, optim: OptimConfig, steps_per_epoch: int, total_steps: int) -> LambdaLR:
-    """Linear warm-up from ``warmup_lr`` to ``lr`` over ``warmup_steps``, then cosine to ``min_lr``."""
+    """``optim.schedule``: ``cosine`` is a linear warm-up from ``warmup_lr`` to ``lr`` over ``warmup_steps``, then
+    cosine to ``min_lr``; ``linear`` (X-VLM's) rises from 0 to ``lr`` over ``warmup_steps``, then falls linearly
+    to 0 at ``total_steps``. The factor scales every parameter group's own lr (``lr_mult`` groups included)."""
+    if optim.schedule == "linear":
+        def linear(step: int) -> float:
+            if step < optim.warmup_steps:
+                return step / max(1, optim.warmup_steps)
+            return max(0.0, (total_steps - step) / max(1, total_steps - optim.warmup_steps))
+
+        return LambdaLR(optimizer, linear)
+
     def factor(step: int) -> float:
         if step < optim.warmup_steps:
             lr = optim.warmup_lr + (optim.lr - optim.warmup_lr) * step / max(optim.warmup_steps, 1)

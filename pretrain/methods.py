@@ -24,6 +24,7 @@ from pretrain.objectives import objective_class
 from pretrain.objectives.base import Objective
 from pretrain.schema import PretrainConfig
 from pretrain.text.batch import TokenizeBatch
+from pretrain.xvlm_recipe import REGION_STREAM, RegionStreamOptions, xvlm_batch, xvlm_region_batch
 
 # Keys of an ``objectives.<name>`` entry that the task applies itself; every other key is the objective's.
 COMMON_KEYS = ("weight", "start_step", "class_path")
@@ -35,6 +36,7 @@ class Stream:
 
     batch_adapter: Callable                        # (tokenizer, config) -> callable on a collated batch
     transform: dict = field(default_factory=dict)  # extra data_shards.boxes.TransformConfig fields
+    options: type | None = None                    # dataclass of data.streams.<name>.options, checked strictly
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,16 @@ def albef_batch(tokenizer, config: PretrainConfig) -> TokenizeBatch:
 
 METHODS: dict[str, Method] = {
     "albef": Method(objectives={"itc": {}, "itm": {}, "mlm": {}}, batch_adapter=albef_batch),
+    # X-VLM (reference/methods.md section 1): in-batch ITC without momentum, ITM, span-masked MLM on image-text
+    # batches; the same three on (region, region text) pairs plus the box head on region batches
+    # (pretrain/xvlm_recipe.py).
+    "xvlm": Method(
+        objectives={"itc": {"momentum_distillation": False}, "itm": {}, "span_mlm": {}, "region_itc": {},
+                    "region_itm": {}, "region_mlm": {}, "box": {}},
+        batch_adapter=xvlm_batch,
+        streams={REGION_STREAM: Stream(batch_adapter=xvlm_region_batch, options=RegionStreamOptions,
+                                       transform={"region_crop": True, "flip_text": "skip",
+                                                  "randaugment_geometric": False})}),
 }
 
 
@@ -115,4 +127,14 @@ def resolve_objectives(config: PretrainConfig) -> list[ObjectiveSpec]:
     if streams != set(method.streams):
         raise ConfigError(f"data.streams lists {sorted(streams) or 'none'}, method {config.method!r} reads "
                           f"{sorted(method.streams) or 'none'}")
+    for name, stream in method.streams.items():
+        if stream.options is not None:
+            from_mapping(stream.options, config.data.streams[name].options, f"data.streams.{name}.options")
+        elif config.data.streams[name].options:
+            raise ConfigError(f"data.streams.{name}.options: method {config.method!r} takes no options for it")
+    for spec in specs:  # an objective that reads a stream would otherwise never run without it
+        missing = sorted(set(getattr(spec.cls, "streams", ())) - streams)
+        if missing:
+            raise ConfigError(f"objectives.{spec.name} reads the data stream(s) {missing}, which data.streams "
+                              f"lacks; use a method that has them (e.g. method: xvlm)")
     return specs

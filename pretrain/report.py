@@ -1,9 +1,12 @@
-"""``python -m pretrain.report RUN_DIR --summary FILE [--plot FILE.png]``: summarise a pretraining run.
+"""``python -m pretrain.report RUN_DIR --summary FILE [--plot FILE.png] [--zero-shot-grounding RESULTS]``.
 
 Reads ``RUN_DIR/results.json`` and ``RUN_DIR/logs/metrics.jsonl`` (written by ``python -m pretrain``),
 merges ``{"pretrain": {steps, seconds, final_loss, zero_shot_retrieval}}`` into the summary JSON (other
 sections of an existing summary are kept), prints zero-shot R@1/5/10 beside chance, and plots every
-loss term over steps to a PNG.
+loss term over steps to a PNG. ``--zero-shot-grounding`` takes the ``results.json`` of ``python -m
+finetune.grounding --evaluate`` run on the pretraining checkpoint (X-VLM's pretrained box head) and adds
+``zero_shot_grounding: {value, chance}`` (Acc@0.5; chance as ``finetune.report`` takes it: the better of the
+mean box and a random proposal).
 """
 
 from __future__ import annotations
@@ -63,13 +66,28 @@ def merge_into_summary(summary_path: str, name: str, section: dict) -> None:
         json.dump(summary, handle, indent=2)
 
 
-def summarize(run_dir: str, summary_path: str, plot_path: str | None) -> dict:
+def zero_shot_grounding(results_path: str) -> dict:
+    """``{value, chance, split}`` from a grounding evaluation's results.json (its test split, else val)."""
+    with open(results_path) as handle:
+        results = json.load(handle)
+    split_name = "test" if results.get("test") else "val"
+    split = results.get(split_name) or {}
+    if "accuracy" not in split:
+        raise ValueError(f"{results_path}: no grounding accuracy in its {split_name} results")
+    chance = float(split.get("chance", float("nan")))
+    chance = max(chance, float(split.get("chance_random_proposal", chance)))
+    return {"value": float(split["accuracy"]), "chance": chance, "split": split_name}
+
+
+def summarize(run_dir: str, summary_path: str, plot_path: str | None, grounding: str | None = None) -> dict:
     with open(os.path.join(run_dir, "results.json")) as handle:
         results = json.load(handle)
     section = {key: results[key] for key in ("steps", "seconds", "final_loss") if key in results}
     retrieval = results.get("zero_shot_retrieval")
     if retrieval:
         section["zero_shot_retrieval"] = {key: retrieval[key] for key in RETRIEVAL_KEYS if key in retrieval}
+    if grounding:
+        section["zero_shot_grounding"] = zero_shot_grounding(grounding)
     merge_into_summary(summary_path, "pretrain", section)
     if plot_path:
         plot_losses(read_losses(run_dir, results.get("final_loss", {"loss": None})), plot_path)
@@ -89,6 +107,11 @@ def print_section(section: dict) -> None:
               f"R@10 {retrieval['img_r10']:6.2f}")
         mean_r1 = (retrieval["txt_r1"] + retrieval["img_r1"]) / 2
         print(f"  mean R@1 {mean_r1:.2f} = {mean_r1 / chance:.1f}x chance")
+    grounding = section.get("zero_shot_grounding")
+    if grounding:
+        times = grounding["value"] / max(grounding["chance"], 1e-9)
+        print(f"zero-shot box grounding (pretrained box head) on the {grounding['split']} split: Acc@0.5 "
+              f"{grounding['value']:.1f}, chance {grounding['chance']:.1f} ({times:.1f}x chance)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,8 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_dir")
     parser.add_argument("--summary", required=True, help="summary JSON to create or update")
     parser.add_argument("--plot", default=None, help="PNG of the loss terms over steps")
+    parser.add_argument("--zero-shot-grounding", default=None, metavar="RESULTS",
+                        help="results.json of finetune.grounding --evaluate on this run's checkpoint (box head)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    print_section(summarize(args.run_dir, args.summary, args.plot))
+    print_section(summarize(args.run_dir, args.summary, args.plot, args.zero_shot_grounding))
     return 0
 
 

@@ -17,6 +17,9 @@ from pretrain.config import require, require_at_least, require_choice
 
 DATA_MODES = ("exact", "resampled")       # data_shards.reader.MODES
 DECODERS = ("pil", "dali", "auto")       # data_shards.loader.DECODERS
+ITM_HEADS = ("linear", "mlp")            # pretrain.models.albef.build_itm_head
+SCHEDULES = ("cosine", "linear")         # pretrain.engine.lr_schedule
+NO_DECAY_RULES = ("albef", "xvlm")       # pretrain.task.parameter_groups
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,13 @@ class ModelConfig:
     max_text_length: int = 25
     trailing_sep: bool = False                    # released ALBEF checkpoints expect no trailing [SEP]
     grad_checkpointing: bool = False
+    # X-VLM: its ITM head is an MLP (Linear 2H -> LayerNorm -> GELU -> Linear), ALBEF's one Linear.
+    itm_head: str = "linear"                      # linear | mlp
+    # X-VLM: the last ViT blocks in which a region's copy of its image attends only to its box (Swin: unused).
+    local_attn_depth: int = 4
+    # Start a pretraining run from a whole pretrained model instead of unimodal weights (X-VLM's domain pretraining):
+    # a pretrain.export / imported X-VLM .safetensors, or a run's checkpoints directory.
+    init_checkpoint: str | None = None
 
     def __post_init__(self):
         require_at_least(self.image_size, "image_size", 1)
@@ -41,6 +51,8 @@ class ModelConfig:
         require_at_least(self.embed_dim, "embed_dim", 1)
         require_at_least(self.max_text_length, "max_text_length", 2)
         require(self.temp > 0, "temp", f"must be positive, got {self.temp}")
+        require_choice(self.itm_head, "itm_head", ITM_HEADS)
+        require_at_least(self.local_attn_depth, "local_attn_depth", 1)
 
 
 @dataclass(frozen=True)
@@ -73,10 +85,13 @@ class StreamConfig:
 
     train: list[SourceConfig]
     probability: float = 1.0
+    batch_size: int | None = None                 # samples per batch and rank; default: the DeepSpeed micro-batch
+    options: dict = field(default_factory=dict)   # the stream's own settings, checked by its method's recipe
 
     def __post_init__(self):
         require(bool(self.train), "train", "lists no shard source")
         require(0.0 < self.probability <= 1.0, "probability", f"must lie in (0, 1], got {self.probability}")
+        require_at_least(self.batch_size, "batch_size", 1)
 
 
 @dataclass(frozen=True)
@@ -115,6 +130,13 @@ class OptimConfig:
     warmup_lr: float = 1e-5
     warmup_steps: int = 2000
     epochs: int = 30
+    # cosine: warm-up from warmup_lr, then cosine to min_lr (ALBEF); linear: warm-up from 0, then linear to 0 at
+    # the schedule's end (X-VLM; warmup_lr and min_lr unused).
+    schedule: str = "cosine"
+    lr_mult: float = 1.0                          # X-VLM: lr x lr_mult for newly initialised parameters (heads,
+                                                  # projections, cross-attention, temp, anything not loaded)
+    no_decay: str = "albef"                       # which parameters skip weight decay: albef (1-D and biases) |
+                                                  # xvlm (names holding bias, LayerNorm., norm., norm1., norm2.)
 
     def __post_init__(self):
         require(self.lr > 0, "lr", f"must be positive, got {self.lr}")
@@ -123,6 +145,9 @@ class OptimConfig:
         require_at_least(self.warmup_lr, "warmup_lr", 0)
         require_at_least(self.warmup_steps, "warmup_steps", 0)
         require_at_least(self.epochs, "epochs", 1)
+        require_choice(self.schedule, "schedule", SCHEDULES)
+        require(self.lr_mult > 0, "lr_mult", f"must be positive, got {self.lr_mult}")
+        require_choice(self.no_decay, "no_decay", NO_DECAY_RULES)
 
 
 @dataclass(frozen=True)

@@ -28,13 +28,18 @@ from pretrain.methods import ObjectiveSpec
 from pretrain.models.encoded import TOWERS, Encoded, Wants, encode
 from pretrain.objectives.base import Objective, StepContext
 from pretrain.objectives.momentum import MomentumCopy, alpha_at
-from pretrain.schema import DistillationConfig
+from pretrain.schema import DistillationConfig, OptimConfig
 
 
 class PretrainTask(nn.Module):
     def __init__(self, model: nn.Module, objectives: dict[str, Objective], specs: list[ObjectiveSpec],
-                 distillation: DistillationConfig, steps_per_epoch: int, method: str):
+                 distillation: DistillationConfig, steps_per_epoch: int, method: str,
+                 optim: OptimConfig | None = None, new_parameters: frozenset[str] = frozenset()):
         super().__init__()
+        # What parameter_groups needs: the decay rule, and X-VLM's larger lr (lr x lr_mult) for the parameters
+        # that start untrained (names as this module has them: model.*, objectives.*).
+        self.optim = optim or OptimConfig()
+        self.new_parameters = new_parameters
         self.model = model
         self.objectives = nn.ModuleDict(objectives)
         self.specs = {spec.name: spec for spec in specs}
@@ -100,7 +105,8 @@ class PretrainTask(nn.Module):
         return values
 
     def parameter_groups(self, weight_decay: float) -> list[dict]:
-        return parameter_groups(self, weight_decay)
+        new_lr = self.optim.lr * self.optim.lr_mult if self.optim.lr_mult != 1 else None
+        return parameter_groups(self, weight_decay, rule=self.optim.no_decay, new=self.new_parameters, new_lr=new_lr)
 
     # -- the step ---------------------------------------------------------------------------------
     def current_alpha(self) -> float:
@@ -139,16 +145,38 @@ class PretrainTask(nn.Module):
                               self.wants)
 
 
-def parameter_groups(module: nn.Module, weight_decay: float) -> list[dict]:
-    """ALBEF's grouping: 1-D tensors and biases get no weight decay; all else does, ``temp`` included
-    (0-d in ALBEF, so decayed there; ours has shape [1] and is named explicitly)."""
-    decay, no_decay = [], []
+# X-VLM's rule: a parameter skips weight decay when its name holds one of these (``relative_position_bias_table``
+# included, through "bias"); ``norm_pre.`` is timm's name for the CLIP ViT's pre-LayerNorm (X-VLM's pre_layrnorm).
+XVLM_NO_DECAY = ("bias", "LayerNorm.bias", "LayerNorm.weight", "norm.bias", "norm.weight", "norm1.bias",
+                 "norm1.weight", "norm2.bias", "norm2.weight", "norm_pre.")
+
+
+def _exempt(name: str, parameter: nn.Parameter, rule: str) -> bool:
+    if rule == "xvlm":
+        return any(part in name for part in XVLM_NO_DECAY)
+    return (parameter.ndim == 1 and not name.endswith("temp")) or name.endswith(".bias")
+
+
+def parameter_groups(module: nn.Module, weight_decay: float, rule: str = "albef", new: frozenset[str] = frozenset(),
+                     new_lr: float | None = None) -> list[dict]:
+    """Optimizer groups by weight decay and, with ``new_lr``, by learning rate.
+
+    ``rule`` ``albef``: 1-D tensors and biases get no weight decay; all else does, ``temp`` included (0-d in
+    ALBEF, so decayed there; ours has shape [1] and is named explicitly). ``xvlm``: X-VLM's name rule
+    (``XVLM_NO_DECAY``). With ``new_lr``, the parameters named in ``new`` form two more groups at that lr
+    (X-VLM's ``lr_mult``); empty groups are left out.
+    """
+    groups = {(False, False): [], (True, False): [], (False, True): [], (True, True): []}
     for name, parameter in module.named_parameters():
         if not parameter.requires_grad:
             continue
-        exempt = (parameter.ndim == 1 and not name.endswith("temp")) or name.endswith(".bias")
-        (no_decay if exempt else decay).append(parameter)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        groups[(_exempt(name, parameter, rule), new_lr is not None and name in new)].append(parameter)
+    result = [{"params": groups[(False, False)], "weight_decay": weight_decay},
+              {"params": groups[(True, False)], "weight_decay": 0.0}]
+    if new_lr is not None:
+        result += [{"params": params, "weight_decay": weight_decay if not exempt else 0.0, "lr": new_lr}
+                   for (exempt, is_new), params in groups.items() if is_new and params]
+    return result
 
 
 def upgrade_task_state(state: dict) -> dict:

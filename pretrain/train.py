@@ -132,12 +132,12 @@ def train(args: argparse.Namespace) -> dict:
             log.note(f"world size {saved_world} -> {world}: optimizer state from {engine_tag}; data streams "
                      f"restart in epoch {epoch} with seed {loader_seed}")
         log.note(f"resumed from {os.path.join(*resume)} at step {engine.global_steps}")
-    def loader(sources, recipe):  # the main stream and each extra stream, adapted by the method's recipe
-        return make_loader(sources, config.data, config.model.image_size, plan.micro_batch, rank=rank,
+    def loader(sources, recipe, batch_size=None):  # the main stream and each extra stream, adapted by the recipe
+        return make_loader(sources, config.data, config.model.image_size, batch_size or plan.micro_batch, rank=rank,
                            world_size=world, device=device_type, seed=loader_seed,
                            postprocess=recipe.batch_adapter(tokenizer, config), transform=recipe.transform)
 
-    extra = {name: (loader(stream.train, method.streams[name]), stream.probability)
+    extra = {name: (loader(stream.train, method.streams[name], stream.batch_size), stream.probability)
              for name, stream in config.data.streams.items()}
     batches = TrainingBatches(loader(config.data.train, method), extra, seed=loader_seed, group=control_group())
     if loader_state is not None:

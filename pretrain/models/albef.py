@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pretrain.models.encoded import FINAL_ONLY, TOWERS, Encoded, Wants, encode
+from pretrain.models.swin import build_swin_encoder, is_swin, load_swin_weights
 from pretrain.models.text import FusionBert, load_bert_config, load_text_weights
 from pretrain.models.vision import VisionEncoder, build_vision_encoder, interpolate_pos_embed, load_vision_weights
 
@@ -37,7 +38,8 @@ class ALBEFModel(nn.Module):
     """The ALBEF backbone around a built ``VisionEncoder`` and ``FusionBert``; heads on their [CLS] tokens."""
 
     def __init__(
-        self, visual_encoder: VisionEncoder, text_encoder: FusionBert, embed_dim: int = 256, temp: float = 0.07
+        self, visual_encoder: VisionEncoder, text_encoder: FusionBert, embed_dim: int = 256, temp: float = 0.07,
+        itm_head: str = "linear", local_attn_depth: int = 4,
     ):
         super().__init__()
         if text_encoder.encoder_width != visual_encoder.width:
@@ -49,7 +51,10 @@ class ALBEFModel(nn.Module):
         self.text_encoder = text_encoder
         self.vision_proj = nn.Linear(visual_encoder.width, embed_dim)
         self.text_proj = nn.Linear(text_encoder.hidden_size, embed_dim)
-        self.itm_head = nn.Linear(text_encoder.hidden_size, 2)
+        self.itm_head = build_itm_head(itm_head, text_encoder.hidden_size)
+        # X-VLM's region features: how many of the last ViT blocks a region's copy runs restricted to its box
+        # (pretrain.objectives.region_encoding); a setting, not a weight.
+        self.local_attn_depth = local_attn_depth
         # 0-d, as in ALBEF, so checkpoints exchange it without reshaping.
         # Shape [1], not ALBEF's 0-d: DeepSpeed's parameter broadcast cannot view a 0-d tensor as
         # bytes. The key maps below convert at the checkpoint boundary.
@@ -89,6 +94,17 @@ class ALBEFModel(nn.Module):
         self.text_encoder.set_grad_checkpointing(enabled)
 
 
+def build_itm_head(kind: str, hidden_size: int) -> nn.Module:
+    """ALBEF's ITM head (``linear``: one Linear to 2 classes) or X-VLM's (``mlp``: Linear(H, 2H) -> LayerNorm ->
+    GELU -> Linear(2H, 2), whose state-dict names ``0.*``, ``1.*``, ``3.*`` are X-VLM's ``itm_head.*``)."""
+    if kind == "linear":
+        return nn.Linear(hidden_size, 2)
+    if kind == "mlp":
+        return nn.Sequential(nn.Linear(hidden_size, 2 * hidden_size), nn.LayerNorm(2 * hidden_size), nn.GELU(),
+                             nn.Linear(2 * hidden_size, 2))
+    raise ValueError(f"unknown ITM head {kind!r}; use linear (ALBEF) or mlp (X-VLM)")
+
+
 def build_albef(
     vision_name: str,
     image_size: int,
@@ -99,12 +115,19 @@ def build_albef(
     text_overrides: dict | None = None,
     temp: float = 0.07,
     with_mlm_head: bool = True,
+    itm_head: str = "linear",
+    local_attn_depth: int = 4,
 ) -> ALBEFModel:
-    """A randomly initialised ALBEF model from a timm name and the config.json of a LOCAL BERT directory."""
-    visual_encoder = build_vision_encoder(vision_name, image_size, **(vision_overrides or {}))
+    """A randomly initialised ALBEF model from a timm name (a ViT, or a Swin for X-VLM) and the config.json of a
+    LOCAL BERT directory."""
+    if is_swin(vision_name):
+        visual_encoder = build_swin_encoder(vision_name, image_size, **(vision_overrides or {}))
+    else:
+        visual_encoder = build_vision_encoder(vision_name, image_size, **(vision_overrides or {}))
     config = load_bert_config(bert_dir, **(text_overrides or {}))
     text_encoder = FusionBert(config, fusion_layer, encoder_width=visual_encoder.width, with_mlm_head=with_mlm_head)
-    return ALBEFModel(visual_encoder, text_encoder, embed_dim=embed_dim, temp=temp)
+    return ALBEFModel(visual_encoder, text_encoder, embed_dim=embed_dim, temp=temp, itm_head=itm_head,
+                      local_attn_depth=local_attn_depth)
 
 
 def load_pretrained_encoders(model: ALBEFModel, *, vision_weights: str | None, bert_dir: str | None) -> dict:
@@ -112,8 +135,9 @@ def load_pretrained_encoders(model: ALBEFModel, *, vision_weights: str | None, b
 
     Returns ``{"vision": LoadReport | None, "text": LoadReport | None}``.
     """
+    load_vision = load_swin_weights if not isinstance(model.visual_encoder, VisionEncoder) else load_vision_weights
     return {
-        "vision": load_vision_weights(model.visual_encoder, vision_weights) if vision_weights else None,
+        "vision": load_vision(model.visual_encoder, vision_weights) if vision_weights else None,
         "text": load_text_weights(model.text_encoder, bert_dir) if bert_dir else None,
     }
 
