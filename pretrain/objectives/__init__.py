@@ -11,11 +11,14 @@ import importlib
 
 from pretrain.config import ConfigError
 from pretrain.objectives.base import Objective
+from pretrain.objectives.hitc import HierarchicalITC
 from pretrain.objectives.itc import ITC
 from pretrain.objectives.itm import ITM
+from pretrain.objectives.mim import MaskedImageModelling
 from pretrain.objectives.mlm import MLM
 
-OBJECTIVES: dict[str, type[Objective]] = {"itc": ITC, "itm": ITM, "mlm": MLM}
+OBJECTIVES: dict[str, type[Objective]] = {"itc": ITC, "itm": ITM, "mlm": MLM,
+                                          "hitc": HierarchicalITC, "mim": MaskedImageModelling}
 
 
 def objective_class(name: str, class_path: str | None) -> type[Objective]:
