@@ -100,23 +100,31 @@ def concept_lists(meta: dict, key: str, images: int = 1) -> list[list[str]]:
     return [list(words) for words in lists]
 
 
+def image_digest(image: torch.Tensor) -> int:
+    """A CRC of a coarse subsample of an image's pixels: cheap, and the same whenever the loader gives the same
+    augmented image."""
+    return zlib.crc32(image[..., ::8, ::8].detach().float().cpu().numpy().tobytes())
+
+
 class ConceptBatch:
     """Loader-side: ``concept_ids`` / ``concept_mask`` (``[B * images, E]``) from every sample's ``json.concepts``.
 
-    Draws in training are seeded by the sample key and the batch count, so a worker gives the same
-    draws for the same batches whatever the process.
+    Draws in training are seeded by the sample key and a digest of its augmented image, which the loader
+    reproduces exactly when a run resumes; so a resumed run sees the same concepts as the uninterrupted one,
+    and another epoch's crop of the same image draws anew.
     """
 
     def __init__(self, tokenizer: TextTokenizer, config: ConceptConfig, train: bool, images: int = 1):
         self.tokenizer = TextTokenizer(tokenizer.tokenizer, max_length=config.max_length,
                                        trailing_sep=tokenizer.trailing_sep)
         self.config, self.train, self.images = config, train, images
-        self.calls = 0
 
-    def texts(self, keys: Sequence[str], metas: Sequence[dict]) -> list[str]:
-        """One concept text per image, in sample order (both images of a sample next to each other)."""
+    def texts(self, keys: Sequence[str], metas: Sequence[dict], seeds: Sequence[int] | None = None) -> list[str]:
+        """One concept text per image, in sample order (both images of a sample next to each other); ``seeds``
+        (one per sample) vary the training draws."""
         texts = []
-        for key, meta in zip(keys, metas, strict=True):
+        seeds = seeds if seeds is not None else [0] * len(keys)
+        for key, meta, seed in zip(keys, metas, seeds, strict=True):
             try:
                 lists = concept_lists(meta, key, self.images)
             except KeyError:
@@ -126,14 +134,14 @@ class ConceptBatch:
                     "the shards, or use a checkpoint without concepts") from None
             for index, words in enumerate(lists):
                 if self.train and self.config.sample_fraction is not None and words:
-                    draw = random.Random(zlib.crc32(f"{key}:{index}:{self.calls}".encode()))
+                    draw = random.Random(zlib.crc32(f"{key}:{index}:{seed}".encode()))
                     words = draw.choices(words, k=max(1, int(self.config.sample_fraction * len(words))))
                 texts.append(self.config.separator.join(words))
         return texts
 
     def __call__(self, batch: dict) -> dict:
-        tokens = self.tokenizer(self.texts(batch["__key__"], batch["meta"]))
-        self.calls += 1
+        seeds = [image_digest(image) for image in batch["image"]] if self.train and "image" in batch else None
+        tokens = self.tokenizer(self.texts(batch["__key__"], batch["meta"], seeds))
         return {**batch, "concept_ids": tokens["input_ids"], "concept_mask": tokens["attention_mask"]}
 
 

@@ -15,12 +15,11 @@ from pretrain.schema import ConceptConfig
 from tests.pretrain.vicha_helpers import CAPTIONS, CONCEPTS, tiny_backbone, tiny_images
 
 
-def _batch(train: bool, fraction: float | None = 0.5, calls: int = 0):
+def _batch(train: bool, fraction: float | None = 0.5, seed: int = 0):
     model, tokenizer = tiny_backbone(concept_layers=2)
     adapter = ConceptBatch(tokenizer, ConceptConfig(layers=2, max_length=12, sample_fraction=fraction), train)
-    adapter.calls = calls
     metas = [{"concepts": words} for words in CONCEPTS]
-    return model, tokenizer, adapter, adapter.texts(["k0", "k1", "k2", "k3"], metas)
+    return model, tokenizer, adapter, adapter.texts(["k0", "k1", "k2", "k3"], metas, [seed] * 4)
 
 
 def test_concept_encoder_starts_as_the_text_encoders_embeddings_and_first_layers():
@@ -40,18 +39,25 @@ def test_training_draws_a_fraction_with_replacement_and_evaluation_takes_every_c
     for text, words in zip(train_texts, CONCEPTS, strict=True):
         drawn = text.split(" ")
         assert len(drawn) == max(1, int(0.5 * len(words))) and set(drawn) <= set(words)
-    assert _batch(train=True)[3] == train_texts                          # seeded by key and batch count
-    assert any(_batch(train=True, calls=call)[3] != train_texts for call in range(1, 6))
+    assert _batch(train=True)[3] == train_texts                          # seeded by key and image digest
+    assert any(_batch(train=True, seed=seed)[3] != train_texts for seed in range(1, 6))
     assert _batch(train=False)[3] == [" ".join(words) for words in CONCEPTS]
     assert _batch(train=True, fraction=None)[3] == [" ".join(words) for words in CONCEPTS]
 
 
-def test_concept_tokens_are_cls_then_the_words_as_captions_are_tokenised():
+def test_concept_tokens_are_cls_then_the_words_as_captions_are_tokenised_and_draws_follow_the_pixels():
     _, tokenizer, adapter, _ = _batch(train=False)
     batch = adapter({"__key__": ["k0", "k1", "k2", "k3"], "meta": [{"concepts": words} for words in CONCEPTS]})
     expected = tokenizer([" ".join(words) for words in CONCEPTS])
     assert torch.equal(batch["concept_ids"], expected["input_ids"][:, :12])
     assert torch.equal(batch["concept_mask"], expected["attention_mask"][:, :12])
+    _, _, train_adapter, _ = _batch(train=True)
+    metas = [{"concepts": [f"word{i}" for i in range(10)]}] * 4
+    first = train_adapter({"__key__": ["k"] * 4, "meta": metas, "image": tiny_images(seed=1)})
+    again = train_adapter({"__key__": ["k"] * 4, "meta": metas, "image": tiny_images(seed=1)})
+    other = train_adapter({"__key__": ["k"] * 4, "meta": metas, "image": tiny_images(seed=7)})
+    assert torch.equal(first["concept_ids"], again["concept_ids"])
+    assert not torch.equal(first["concept_ids"], other["concept_ids"])
 
 
 def test_two_image_samples_give_one_concept_row_per_image_and_missing_concepts_are_named():
