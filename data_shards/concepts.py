@@ -136,10 +136,11 @@ def record_images(record: dict) -> list[str]:
 class ImageScorer:
     """Batches of images (bytes) -> their top-k concepts, through a scorer's image tower."""
 
-    def __init__(self, scorer, vocabulary: list[str], k: int):
+    def __init__(self, scorer, vocabulary: list[str], k: int, prompt: str = "{}"):
         self.scorer, self.vocabulary, self.k = scorer, vocabulary, k
-        self.words = scorer.text_features(vocabulary)
+        self.words = scorer.text_features([prompt.format(word) for word in vocabulary])
         self.render = PilTransform(TransformConfig(image_size=scorer.image_size, train=False))
+        self.chosen: dict[str, list[str]] = {}  # by image path: files of one run that share images score them once
 
     def __call__(self, images: list[tuple[str, bytes]]) -> list[list[str]]:
         """``[(name, bytes)]`` -> one concept list per image."""
@@ -173,7 +174,8 @@ def annotate_file(path: str, output: str, image_root: str, image_scorer: ImageSc
     references = ImageReferences(image_root)
     images = list(dict.fromkeys(image for record in records for image in record_images(record)))
     progress_path = output + ".progress.jsonl"
-    done = read_progress(progress_path)
+    done = {**{image: image_scorer.chosen[image] for image in images if image in image_scorer.chosen},
+            **read_progress(progress_path)}
     todo = [image for image in images if image not in done]
     with open(progress_path, "a", encoding="utf-8") as log, tqdm(total=len(images), initial=len(images) - len(todo),
                                                                   desc=f"concepts {os.path.basename(path)}",
@@ -194,6 +196,7 @@ def annotate_file(path: str, output: str, image_root: str, image_scorer: ImageSc
             record["kwords"] = found[0]
     write_records(output, records)
     os.remove(progress_path)
+    image_scorer.chosen.update({image: done[image] for image in images})
     return len(images)
 
 
@@ -279,6 +282,8 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--image-root", default=".", help="folder the annotation image paths are relative to")
     parser.add_argument("--top-k", type=int, default=15, help="concepts per image (ViCHA: 15)")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--prompt", default="{}", help="text each word is scored as, {} standing for the word "
+                        "(default: the bare word, as ViCHA scores it)")
     return parser.parse_args(argv)
 
 
@@ -319,7 +324,9 @@ def main(argv: list[str]) -> int:
             scorer = scorer_module.load_scorer(args.checkpoint, args.config, trusted=args.trust_checkpoint)
         except (scorer_module.ScorerError, FileNotFoundError) as error:
             raise ConceptsError(f"--checkpoint: {error}") from None
-        image_scorer = ImageScorer(scorer, vocabulary, args.top_k)
+        if "{}" not in args.prompt:
+            raise ConceptsError(f"--prompt {args.prompt!r} must hold {{}} where the word goes")
+        image_scorer = ImageScorer(scorer, vocabulary, args.top_k, args.prompt)
         for spec, output in zip(args.input, args.output, strict=True):
             if is_shards(spec):
                 count = annotate_shards(spec, output, image_scorer, args.batch_size)

@@ -71,9 +71,9 @@ def load_split(urls: str, transform: TransformConfig, metas: list | None = None)
     return images, texts, img2txt, txt2img
 
 
-def split_concepts(tokenizer, config: ConceptConfig, metas: list, start: int, stop: int, device):
-    """``(concept_ids, concept_mask)`` of images ``start:stop`` of a split read with ``metas`` (every concept)."""
-    adapter = ConceptBatch(tokenizer, config, train=False)
+def split_concepts(adapter: ConceptBatch, metas: list, start: int, stop: int, device):
+    """``(concept_ids, concept_mask)`` of images ``start:stop`` of a split read with ``metas``, by an evaluation
+    ``ConceptBatch`` (every concept of each image)."""
     chunk = metas[start:stop]
     tokens = adapter.tokenizer(adapter.texts([key for key, _ in chunk], [meta for _, meta in chunk]))
     return tokens["input_ids"].to(device), tokens["attention_mask"].to(device)
@@ -87,13 +87,14 @@ def zero_shot_retrieval(model, tokenizer, urls: str, image_size: int, batch_size
     metas = []
     images, texts, img2txt, txt2img = load_split(urls, TransformConfig(image_size=image_size, train=False), metas)
     parameter = model.vision_proj.weight
-    reads_concepts = getattr(model, "concept_encoder", None) is not None
+    adapter = None
+    if getattr(model, "concept_encoder", None) is not None:
+        adapter = ConceptBatch(tokenizer, concepts or ConceptConfig(), train=False)
     was_training = model.training
     model.eval()
     image_feats = []
     for i in range(0, len(images), batch_size):
-        concept_pair = (split_concepts(tokenizer, concepts or ConceptConfig(), metas, i, i + batch_size,
-                                       parameter.device) if reads_concepts else None)
+        concept_pair = split_concepts(adapter, metas, i, i + batch_size, parameter.device) if adapter else None
         image_feats.append(model.image_embeddings(torch.stack(images[i:i + batch_size]).to(parameter),
                                                   concept_pair)[1].float())
     text_feats = []

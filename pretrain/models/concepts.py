@@ -114,7 +114,7 @@ class ConceptBatch:
     and another epoch's crop of the same image draws anew.
     """
 
-    def __init__(self, tokenizer: TextTokenizer, config: ConceptConfig, train: bool, images: int = 1):
+    def __init__(self, tokenizer: TextTokenizer, config: ConceptConfig, train: bool, images: int | None = None):
         self.tokenizer = TextTokenizer(tokenizer.tokenizer, max_length=config.max_length,
                                        trailing_sep=tokenizer.trailing_sep)
         self.config, self.train, self.images = config, train, images
@@ -122,11 +122,14 @@ class ConceptBatch:
     def texts(self, keys: Sequence[str], metas: Sequence[dict], seeds: Sequence[int] | None = None) -> list[str]:
         """One concept text per image, in sample order (both images of a sample next to each other); ``seeds``
         (one per sample) vary the training draws."""
+        return self._texts(keys, metas, seeds, self.images or 1)
+
+    def _texts(self, keys, metas, seeds, images: int) -> list[str]:
         texts = []
         seeds = seeds if seeds is not None else [0] * len(keys)
         for key, meta, seed in zip(keys, metas, seeds, strict=True):
             try:
-                lists = concept_lists(meta, key, self.images)
+                lists = concept_lists(meta, key, images)
             except KeyError:
                 raise ValueError(
                     f"sample {key!r} has no json.concepts, but this model reads visual concepts "
@@ -141,7 +144,9 @@ class ConceptBatch:
 
     def __call__(self, batch: dict) -> dict:
         seeds = [image_digest(image) for image in batch["image"]] if self.train and "image" in batch else None
-        tokens = self.tokenizer(self.texts(batch["__key__"], batch["meta"], seeds))
+        # Two-image samples (NLVR2: [B, 2, 3, H, W]) carry one concept list per image.
+        images = self.images or (batch["image"].shape[1] if "image" in batch and batch["image"].ndim == 5 else 1)
+        tokens = self.tokenizer(self._texts(batch["__key__"], batch["meta"], seeds, images))
         return {**batch, "concept_ids": tokens["input_ids"], "concept_mask": tokens["attention_mask"]}
 
 
@@ -155,3 +160,15 @@ class CaptionsAndConcepts:
 
     def __call__(self, batch: dict) -> dict:
         return self.concepts(self.captions(batch))
+
+
+class WithConcepts:
+    """A fine-tuning task's batch adapter plus the concept tokens of a backbone that reads concepts: the task's
+    adapter runs as it is, and ``concept_ids`` / ``concept_mask`` are added from the same collated batch."""
+
+    def __init__(self, adapter, concepts: ConceptBatch):
+        self.adapter, self.concepts = adapter, concepts
+
+    def __call__(self, batch: dict) -> dict:
+        added = self.concepts(batch)
+        return {**self.adapter(batch), "concept_ids": added["concept_ids"], "concept_mask": added["concept_mask"]}
