@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pretrain.importers.vicha import from_vicha_state_dict, is_vicha_layout
 from pretrain.models.concepts import ConceptEncoder, build_concept_encoder, copy_text_layers
 from pretrain.models.encoded import FINAL_ONLY, TOWERS, Encoded, Wants, concept_tokens, encode
 from pretrain.models.text import FusionBert, load_bert_config, load_text_weights
@@ -167,11 +168,14 @@ def from_albef_state_dict(state_dict: dict, num_patches: int | None = None) -> t
       they load into a copy of the online modules.
     - queue: ``image_queue``, ``text_queue``, ``queue_ptr`` (and ``idx_queue``), unchanged.
     ``num_patches`` interpolates both ``pos_embed`` to a new image size (e.g. 256 px -> 384 px).
-    A ``{"model": ...}`` wrapper is unwrapped. Other keys (e.g. ``text_decoder.*``) stay in ``model``
+    A ``{"model": ...}`` wrapper is unwrapped; a state in ViCHA's layout is mapped by
+    ``pretrain.importers.vicha`` first. Other keys (e.g. ``text_decoder.*``) stay in ``model``
     so that a strict load names them.
     """
     if isinstance(state_dict.get("model"), dict):
         state_dict = state_dict["model"]
+    if is_vicha_layout(state_dict):  # a released ViCHA file: its concept encoder and heads renamed to ours first
+        state_dict, _report = from_vicha_state_dict(state_dict)
     model_state, momentum_state, queue_state = {}, {}, {}
     for key, value in state_dict.items():
         if key in QUEUE_KEYS:

@@ -18,7 +18,8 @@ def tiny_model_config(depth: int = 2, text_layers: int = 3, concept_layers: int 
     fusion layer, and a concept encoder of ``concept_layers`` layers when that is not 0."""
     values = dict(TINY_MODEL, vision_overrides=dict(TINY_MODEL["vision_overrides"], depth=depth),
                   text_overrides=dict(TINY_MODEL["text_overrides"], num_hidden_layers=text_layers + 1),
-                  fusion_layer=text_layers, concepts={"layers": concept_layers}, **changes)
+                  fusion_layer=text_layers, concepts={"layers": concept_layers})
+    values.update(changes)
     return from_mapping(ModelConfig, values, "model")
 
 
