@@ -2,7 +2,8 @@
 # ViCHA end to end (`make demo METHOD=vicha`): synthetic world -> shards -> an ALBEF baseline pretrained on 2 CPU
 # ranks -> visual concepts for every image, chosen by that baseline's ITC towers (`data_shards concepts`) ->
 # ViCHA pretrained with the same steps, data and seed -> zero-shot retrieval of both -> retrieval and VQA
-# fine-tuned from ViCHA -> runs/demo-vicha/summary.json. Rerunning reuses finished shards and restarts training.
+# fine-tuned from ViCHA -> runs/demo-vicha/summary.json. Rerunning reuses the baseline's shards, rebuilds those
+# holding concepts (they follow the baseline) and restarts training.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
@@ -37,15 +38,21 @@ DS_ACCELERATOR=cpu ".venv/bin/deepspeed" --num_gpus 2 --master_port "$(port)" --
     --set "eval.retrieval_urls=$OUT/shards/retrieval_val_plain/retrieval_val_plain-000000.tar" 2>&1 | quiet
 
 echo "== 3. visual concepts: caption nouns, ranked for every image by the baseline's ITC towers"
+# The synthetic world's captions hold 11 nouns (3 shapes, 6 colours, "shapes", "background"); an image holds at
+# most 4 shapes, so 5 concepts per image. ViCHA's 15 would hand every image the whole vocabulary, and the
+# concepts would then tell the model nothing about the image.
 concept_inputs=()
 for name in pretrain_albef retrieval_train retrieval_val retrieval_test vqa_train vqa_val vqa_test; do
     concept_inputs+=(--input "$ANN/$name.json" --output "$KW/$name.json")
 done
 $PY -m data_shards concepts --captions "$ANN/retrieval_train.json" --min-count 2 \
     --vocabulary-out "$KW/vocabulary.json" --checkpoint "$OUT/albef/checkpoints" \
-    --image-root "$OUT/world/images" --top-k 15 --batch-size 100 "${concept_inputs[@]}" 2>&1 | grep -v "it/s\|img/s"
+    --image-root "$OUT/world/images" --top-k 5 --batch-size 100 "${concept_inputs[@]}" 2>&1 | grep -v "it/s\|img/s"
 
 echo "== 4. ViCHA: shards with concepts, then $STEPS steps with the same data, seed and schedule"
+# The concepts come from this run's baseline: shards made from an earlier run's concepts are stale.
+rm -rf "$OUT/shards/pretrain_vicha" "$OUT/shards/retrieval_val" "$OUT/shards/retrieval_train" \
+    "$OUT/shards/retrieval_test" "$OUT/shards/vqa_train" "$OUT/shards/vqa_val" "$OUT/shards/vqa_test"
 build "$KW/pretrain_albef.json" vicha pretrain_vicha 100
 build "$KW/retrieval_val.json" coco retrieval_val 1000
 rm -rf "$OUT/pretrain"
@@ -71,7 +78,7 @@ finetune() {  # task config run-name split-prefix [extra arguments]
         --config "finetune/configs/$config" --checkpoint "$OUT/pretrain/checkpoints" \
         --output-dir "$OUT/finetune/$name" --set "data.train=$(urls "${prefix}_train")" \
         --set "data.test=$(urls "${prefix}_test")" --set model.concepts.layers=2 \
-        --set model.concepts.max_length=24 "$@" 2>&1 | grep -E "^\[finetune|^done|[Ee]rror" | grep -v -E "[Ww]arning" || true
+        --set model.concepts.max_length=12 "$@" 2>&1 | grep -E "^\[finetune|^done|[Ee]rror" | grep -v -E "[Ww]arning" || true
 }
 finetune retrieval retrieval_synth.yaml retrieval retrieval \
     --set "data.val=$OUT/shards/retrieval_val/retrieval_val-000000.tar"
