@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 PY=.venv/bin/python
 OUT=${DEMO_OUT:-runs/demo-vicha}
 IMAGES=${DEMO_IMAGES:-1000}
-STEPS=${DEMO_STEPS:-120}
+STEPS=${DEMO_STEPS:-100}
 ANN="$OUT/world/annotations"
 KW="$OUT/annotations"
 mkdir -p "$OUT" "$KW"
