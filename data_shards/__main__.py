@@ -1,4 +1,5 @@
-"""Entry point: ``python -m data_shards COMMAND [ARGS]`` with COMMAND one of synth, build, inspect, bench."""
+"""Entry point: ``python -m data_shards COMMAND [ARGS]`` with COMMAND one of synth, build, inspect, bench, concepts,
+filter."""
 
 import importlib
 import sys
@@ -9,6 +10,8 @@ COMMANDS = {
     "build": "data_shards.build",
     "inspect": "data_shards.inspect",
     "bench": "data_shards.bench",
+    "concepts": "data_shards.concepts",
+    "filter": "data_shards.filter",
 }
 
 

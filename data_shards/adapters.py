@@ -27,6 +27,10 @@ ve       {image (".jpg" added when it has no extension), sentence,
 refcoco  {image, text, ref_id, bbox: xywh} + detections file {image: [xywh, ...]}
                                                                 ref_id, text, box, proposals (xyxy)
 
+Every format also keeps ViCHA's visual concepts where a record has them: ``kwords: [str]`` -> ``concepts``
+(NLVR2: ``kwords1`` and ``kwords2``, one list per image -> ``concepts: [[str], [str]]``), as
+``python -m data_shards concepts`` writes them.
+
 A ``.jsonl`` line that is not UTF-8 JSON is one rejected record (``invalid JSON line``, its detail naming
 the line number); the lines after it still count.
 """
@@ -247,6 +251,20 @@ PARSERS: dict[str, Callable[[dict, int, str], tuple[list[str], str, dict]]] = {
 }
 
 
+def _concepts(record: dict, fmt: str) -> list | None:
+    """ViCHA's ``kwords`` (NLVR2: ``kwords1``/``kwords2``) when the record has them, checked; else None."""
+    fields = ("kwords1", "kwords2") if fmt == "nlvr2" else ("kwords",)
+    if not any(name in record for name in fields):
+        return None
+    lists = []
+    for name in fields:
+        words = _required(record, name)
+        if not isinstance(words, list) or not all(isinstance(word, str) for word in words):
+            raise _malformed(f"field {name!r} must be a list of strings")
+        lists.append(words)
+    return lists if fmt == "nlvr2" else lists[0]
+
+
 def _open_text(path: str, what: str, *, binary: bool = False):
     try:
         return open(path, "rb") if binary else open(path, encoding="utf-8")
@@ -350,6 +368,9 @@ def _records(fmt: str, path: str, references: ImageReferences, records: Iterator
             images, text, meta = PARSERS[fmt](record, index, fmt)
             if "image_id" in record and "image_id" not in meta:
                 meta["image_id"] = _identifier(record["image_id"], "image_id")
+            concepts = _concepts(record, fmt)
+            if concepts is not None and "concepts" not in meta:
+                meta["concepts"] = concepts
             if fmt == "vqa" and record.get("split", split) is not None:
                 meta["split"] = _string(record.get("split", split), "split")
             image_paths = [references.resolve(image) for image in images]

@@ -46,6 +46,7 @@ from finetune.loop import DataError, EvalContext, TaskSpec, run
 from finetune.metrics.captioning import cider_d, tokenize
 from finetune.metrics.captioning import evaluate as caption_metrics
 from pretrain.config import ConfigError
+from pretrain.models.encoded import concept_inputs
 from pretrain.models.text import FusionBert
 from pretrain.text import pre_caption
 
@@ -224,11 +225,11 @@ class CaptionTask(nn.Module):
     def decoder(self) -> CaptionDecoder:
         return self.model.text_encoder
 
-    def image_tokens(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model.visual_encoder(images.to(next(self.model.visual_encoder.parameters()).dtype))
+    def image_tokens(self, images: torch.Tensor, concepts=None) -> torch.Tensor:
+        return self.model.image_tokens(images.to(next(self.model.visual_encoder.parameters()).dtype), concepts)
 
     def forward(self, batch: dict) -> dict:
-        image_tokens = self.image_tokens(batch["image"])
+        image_tokens = self.image_tokens(batch["image"], concept_inputs(batch))
         if self.options.scst:
             return self._self_critical(image_tokens, batch["references"])
         targets = batch["targets"][:, 1:]
@@ -267,7 +268,8 @@ class CaptionTask(nn.Module):
         return texts
 
     def predict(self, batch: dict) -> list[dict]:
-        generated = self.generate(self.image_tokens(batch["image"]), beam_size=self.options.beam_size)
+        generated = self.generate(self.image_tokens(batch["image"], concept_inputs(batch)),
+                                  beam_size=self.options.beam_size)
         return [{"image_id": image_id, "caption": caption, "references": references} for image_id, caption, references
                 in zip(batch["image_id"], self.captions(generated), batch["references"], strict=True)]
 

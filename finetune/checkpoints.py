@@ -97,6 +97,19 @@ def backbone_state(checkpoint: Checkpoint, num_patches: int | None,
             if not name.startswith(OBJECTIVE_PREFIX) or name.startswith(kept)}
 
 
+def check_concepts(state: dict[str, torch.Tensor], model_reads_concepts: bool, source: str) -> None:
+    """A clear error when the checkpoint's model and the configured one disagree on visual concepts (ViCHA)."""
+    checkpoint_reads = any(name.startswith("concept_encoder.") for name in state)
+    if checkpoint_reads and not model_reads_concepts:
+        layers = len({name.split(".")[5] for name in state if name.startswith("concept_encoder.text.bert.encoder.")})
+        raise CheckpointError(f"{source}: its model reads visual concepts (a {layers}-layer concept encoder); set "
+                              f"model.concepts.layers: {layers} in the config, and give every sample its concepts "
+                              "(json.concepts: python -m data_shards concepts, then build)")
+    if model_reads_concepts and not checkpoint_reads:
+        raise CheckpointError(f"{source}: its model reads no visual concepts, but the config sets "
+                              "model.concepts.layers; set it to 0 to fine-tune this checkpoint")
+
+
 def task_state(checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
     """The whole fine-tuned task module's fp32 state (any ZeRO stage)."""
     if checkpoint.kind != "finetune":

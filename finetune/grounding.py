@@ -46,6 +46,7 @@ from finetune.retrieval import RetrievalTask
 from finetune.schema import FinetuneConfig
 from pretrain.build import build_backbone
 from pretrain.config import ConfigError, from_mapping, load_config
+from pretrain.models.encoded import concept_inputs
 from pretrain.objectives.box import BoxHead, box_losses, cxcywh_to_xyxy, xyxy_to_cxcywh
 from pretrain.text import pre_caption
 
@@ -157,18 +158,19 @@ def gradcam_from_attention(probabilities: torch.Tensor, gradients: torch.Tensor,
     """ALBEF's ITM Grad-CAM ``[B, h, w]``: image [CLS] column dropped, attention and gradient (clamped at 0)
     masked to the text tokens, their product averaged over heads, then over all text positions."""
     mask = text_mask[:, None, :, None].to(probabilities.dtype)
-    attention = probabilities[..., 1:] * mask
-    gradient = gradients[..., 1:].clamp(min=0) * mask
+    patches = slice(1, 1 + grid[0] * grid[1])  # concept tokens (ViCHA) follow the patches; they have no place
+    attention = probabilities[..., patches] * mask
+    gradient = gradients[..., patches].clamp(min=0) * mask
     return (attention * gradient).mean(dim=1).mean(dim=1).unflatten(-1, grid)
 
 
 def gradcam_maps(model, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 layer_index: int) -> torch.Tensor:
+                 layer_index: int, concepts=None) -> torch.Tensor:
     """Grad-CAM ``[B, h, w]`` over the patch grid of the ITM positive logit at text layer ``layer_index``."""
     layer = model.text_encoder.bert.encoder.layer[layer_index]
     side = math.isqrt(model.visual_encoder.num_patches)
     with torch.enable_grad(), CrossAttentionRecorder(layer) as recorder:
-        image_tokens, _ = model.image_embeddings(images.to(model.vision_proj.weight.dtype))
+        image_tokens, _ = model.image_embeddings(images.to(model.vision_proj.weight.dtype), concepts)
         text_hidden = model.text_encoder.encode_text(input_ids, attention_mask)
         positive = model.itm_head(model.fused_cls(text_hidden, attention_mask, image_tokens))[:, 1]
         (gradients,) = torch.autograd.grad(positive.float().sum(), recorder.probabilities)
@@ -201,7 +203,7 @@ class GradcamGroundingTask(RetrievalTask):
 
     def predict(self, batch: dict) -> list[dict]:
         maps = gradcam_maps(self.model, batch["image"], batch["input_ids"], batch["attention_mask"],
-                            self.layer_index)
+                            self.layer_index, concept_inputs(batch))
         height, width = batch["image"].shape[-2:]
         predictions = []
         for key, heat, box, proposals in zip(batch["__key__"], maps, batch["box"], batch["proposals"], strict=True):
@@ -230,13 +232,14 @@ class BoxGroundingTask(nn.Module):
         return {("box_head." + name[len(head):]) if name.startswith(head) else f"model.{name}": value
                 for name, value in state.items()}
 
-    def predict_normalised(self, images, input_ids, attention_mask) -> torch.Tensor:
-        image_tokens, _ = self.model.image_embeddings(images.to(self.model.vision_proj.weight.dtype))
+    def predict_normalised(self, images, input_ids, attention_mask, concepts=None) -> torch.Tensor:
+        image_tokens, _ = self.model.image_embeddings(images.to(self.model.vision_proj.weight.dtype), concepts)
         text_hidden = self.model.text_encoder.encode_text(input_ids, attention_mask)
         return self.box_head(self.model.fused_cls(text_hidden, attention_mask, image_tokens)).float()
 
     def forward(self, batch: dict) -> dict:
-        predicted = self.predict_normalised(batch["image"], batch["input_ids"], batch["attention_mask"])
+        predicted = self.predict_normalised(batch["image"], batch["input_ids"], batch["attention_mask"],
+                                            concept_inputs(batch))
         scale = _image_scale(batch["image"])
         target = xyxy_to_cxcywh(batch["box"].float()) / scale
         valid = (target[:, 2] * scale[0] >= 1) & (target[:, 3] * scale[1] >= 1)  # cropped away: no target
@@ -246,7 +249,8 @@ class BoxGroundingTask(nn.Module):
 
     def predict(self, batch: dict) -> list[dict]:
         scale = _image_scale(batch["image"])
-        boxes = cxcywh_to_xyxy(self.predict_normalised(batch["image"], batch["input_ids"], batch["attention_mask"]))
+        boxes = cxcywh_to_xyxy(self.predict_normalised(batch["image"], batch["input_ids"], batch["attention_mask"],
+                                                       concept_inputs(batch)))
         boxes = boxes * scale
         return [{"key": key, "predicted": predicted.tolist(), "box": box.tolist(), "image_size": scale[:2].tolist(),
                  "random_proposal_hits": _random_proposal_hits(proposals, box.cpu())}

@@ -45,6 +45,7 @@ from pretrain.config import ConfigError, config_to_dict, from_mapping, load_conf
 from pretrain.engine import StepPlan, ds_config_for, plan_steps, start_engine
 from pretrain.lockstep import DataFailure, control_group, lockstep_batches
 from pretrain.metrics_log import MetricsLog
+from pretrain.models.concepts import ConceptBatch, WithConcepts
 from pretrain.models.swin import fit_vision_state
 from pretrain.runtime import cpu_thread_notes, is_first_rank, release_shared_memory, to_device
 from pretrain.safe_loading import restricted_unpickling
@@ -190,6 +191,14 @@ def predict_split(context: EvalContext) -> list[dict]:
     return [prediction for part in gathered for prediction in part]
 
 
+def task_adapter(spec: TaskSpec, tokenizer, options, train: bool, config: FinetuneConfig):
+    """The task's batch adapter, plus every image's concept tokens when the backbone reads concepts (ViCHA)."""
+    adapter = spec.adapter(tokenizer, options, train)
+    if config.model.concepts.enabled:
+        return WithConcepts(adapter, ConceptBatch(tokenizer, config.model.concepts, train))
+    return adapter
+
+
 def _train_loader(config: FinetuneConfig, spec: TaskSpec, adapter, micro_batch: int) -> StreamingLoader:
     data = config.data
     transform = TransformConfig(image_size=config.model.image_size, train=True, crop_scale=data.crop_scale,
@@ -211,6 +220,7 @@ def load_weights(task_module, spec: TaskSpec, config: FinetuneConfig, path: str,
         state = checkpoints.backbone_state(source, visual_encoder.num_patches,
                                            keep_objectives=getattr(task_module, "pretrained_objectives", ()))
         state = fit_vision_state(visual_encoder, state)  # a Swin's windows at this resolution (ViTs: unchanged)
+        checkpoints.check_concepts(state, config.model.concepts.enabled, source.describe())
         # Backbone keys are ALBEF's names; a task module holds the backbone as ``model`` and may map some
         # keys itself (VQA's answer decoder starts from the fusion layers, NLVR2 duplicates them).
         if hasattr(task_module, "backbone_to_task"):
@@ -229,7 +239,7 @@ def load_weights(task_module, spec: TaskSpec, config: FinetuneConfig, path: str,
 def evaluate_split(spec: TaskSpec, engine, options, tokenizer, config: FinetuneConfig, split: str, urls: str) -> dict:
     context = EvalContext(module=engine.module, urls=urls, split=split, options=options, tokenizer=tokenizer,
                           image_size=config.model.image_size, batch_size=config.run.eval_batch_size,
-                          adapter=spec.adapter(tokenizer, options, False), transform=spec.transform or {},
+                          adapter=task_adapter(spec, tokenizer, options, False, config), transform=spec.transform or {},
                           output_dir=config.run.output_dir)
     return spec.evaluate(context)
 
@@ -298,7 +308,7 @@ def finetune(spec: TaskSpec, args: argparse.Namespace) -> dict:
 
 def train(spec, engine, config, options, tokenizer, plan: StepPlan, log, checkpoint_dir) -> dict:
     rank = dist.get_rank()
-    loader = _train_loader(config, spec, spec.adapter(tokenizer, options, True), plan.micro_batch)
+    loader = _train_loader(config, spec, task_adapter(spec, tokenizer, options, True, config), plan.micro_batch)
     total_steps, steps_per_epoch = plan.total_steps, plan.steps_per_epoch
     progress = tqdm(total=total_steps, disable=rank != 0, desc=f"finetune {spec.name}", unit="step", file=sys.stderr)
     best, history, losses = None, [], {}

@@ -47,6 +47,7 @@ from finetune.ve import UNUSED_BACKBONE_KEYS, classification_metrics, classifier
 from pretrain.checkpoint import atomic_write_text
 from pretrain.config import ConfigError, from_mapping, load_config
 from pretrain.models.albef import build_itm_head
+from pretrain.models.encoded import concept_inputs
 from pretrain.models.text import FusionBertLayer
 from pretrain.runtime import is_first_rank
 from pretrain.text import pre_caption
@@ -235,14 +236,14 @@ class PairTask(nn.Module):
 
     def logits(self, batch: dict) -> torch.Tensor:
         images = batch["image"]
-        tokens = self.model.visual_encoder(images.flatten(0, 1).to(self.cls_head[0].weight.dtype))
+        tokens = self.model.image_tokens(images.flatten(0, 1).to(self.cls_head[0].weight.dtype), concept_inputs(batch))
         return self.cls_head(self._fused_cls(tokens.unflatten(0, images.shape[:2]), batch))
 
     def assignment_logits(self, batch: dict, generator: torch.Generator | None = None):
         if self.ta_head is None:
             raise ValueError("single-image batches are for the text-assignment phase; set options.text_assignment")
         model = self.model
-        tokens = model.visual_encoder(batch["image"].to(self.ta_head.weight.dtype))
+        tokens = model.image_tokens(batch["image"].to(self.ta_head.weight.dtype), concept_inputs(batch))
         with torch.no_grad():
             features = F.normalize(model.vision_proj(tokens[:, 0]).float(), dim=-1)
         first, second, labels = assignment_examples(features, generator)
@@ -264,7 +265,8 @@ class PairTask(nn.Module):
             # forward (the image as its own partner) so that every rank makes the same collective calls (ZeRO-3
             # gathers parameters in each forward, and another rank may be repeating a full batch meanwhile)
             self.assignment_logits({name: torch.cat([batch[name]] * 2) for name in
-                                    ("image", "input_ids", "attention_mask")}, torch.Generator().manual_seed(0))
+                                    ("image", "input_ids", "attention_mask", "concept_ids", "concept_mask")
+                                    if name in batch}, torch.Generator().manual_seed(0))
             labels = predictions = [None]
         else:
             generator = torch.Generator().manual_seed(zlib.crc32("\n".join(keys).encode()))

@@ -30,9 +30,10 @@ import torch.distributed as dist
 from torch import nn
 
 from finetune.loop import DataError, EvalContext, TaskSpec, eval_transform, run
+from pretrain.models.encoded import concept_inputs
 from pretrain.objectives.itc import contrastive_loss_in_batch
 from pretrain.objectives.itm import itm_labels, itm_loss, itm_valid_mask, same_image_exclusion, sample_hard_negatives
-from pretrain.retrieval_eval import chance_r1, load_split, retrieval_metrics
+from pretrain.retrieval_eval import chance_r1, load_split, retrieval_metrics, split_concepts
 from pretrain.text import pre_caption
 
 
@@ -84,7 +85,8 @@ class RetrievalTask(nn.Module):
         model.text_encoder.cls = None  # the MLM head is not used by retrieval
 
     def forward(self, batch: dict) -> dict:
-        encoded = self.model.encode(batch["image"], batch["input_ids"], batch["attention_mask"])
+        encoded = self.model.encode(batch["image"], batch["input_ids"], batch["attention_mask"],
+                                    concepts=concept_inputs(batch))
         ids = batch["image_id"]
         losses = {"itc": contrastive_loss_in_batch(encoded.image_feat, encoded.text_feat, self.model.temp, ids)}
         if self.options.itm_weight:
@@ -106,9 +108,9 @@ class RetrievalTask(nn.Module):
         return itm_loss(logits.float(), itm_labels(batch_size, logits.device), itm_valid_mask(exclude))
 
 
-def _read_split(context: EvalContext):
+def _read_split(context: EvalContext, metas: list | None = None):
     try:
-        return load_split(context.urls, eval_transform(context.image_size, context.transform))
+        return load_split(context.urls, eval_transform(context.image_size, context.transform), metas)
     except ValueError as error:
         raise DataError(f"{context.split} split: {error}") from None
 
@@ -119,13 +121,17 @@ def evaluate(context: EvalContext) -> dict:
     module, options = context.module, context.options
     model = module.model
     device, dtype = model.vision_proj.weight.device, model.vision_proj.weight.dtype
-    images, texts, img2txt, txt2img = _read_split(context)
+    metas = []
+    images, texts, img2txt, txt2img = _read_split(context, metas)
+    concept_adapter = getattr(context.adapter, "concepts", None)  # the loop's ConceptBatch, when the model reads them
     was_training = module.training
     module.eval()
     size = context.batch_size
     image_tokens, image_feats = [], []
     for start in range(0, len(images), size):
-        tokens, feats = model.image_embeddings(torch.stack(images[start:start + size]).to(device, dtype))
+        concepts = (split_concepts(concept_adapter, metas, start, start + size, device)
+                    if concept_adapter is not None else None)
+        tokens, feats = model.image_embeddings(torch.stack(images[start:start + size]).to(device, dtype), concepts)
         image_tokens.append(tokens)
         image_feats.append(feats.float())
     tokens = context.tokenizer(texts)  # one call: every text padded to the same length

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from finetune.loop import DataError, EvalContext, TaskSpec, run
+from pretrain.models.encoded import concept_inputs
 from pretrain.text import pre_caption
 
 # ALBEF's label indices (dataset/ve_dataset.py).
@@ -113,7 +114,7 @@ class EntailmentTask(nn.Module):
 
     def logits(self, batch: dict) -> torch.Tensor:
         model = self.model
-        image_tokens = model.visual_encoder(batch["image"].to(self.cls_head[0].weight.dtype))
+        image_tokens = model.image_tokens(batch["image"].to(self.cls_head[0].weight.dtype), concept_inputs(batch))
         text_hidden = model.text_encoder.encode_text(batch["input_ids"], batch["attention_mask"])
         return self.cls_head(model.fused_cls(text_hidden, batch["attention_mask"], image_tokens))
 

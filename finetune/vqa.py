@@ -39,6 +39,7 @@ from finetune.loop import DataError, EvalContext, TaskSpec, run
 from finetune.metrics import vqa as vqa_metrics
 from finetune.ve import UNUSED_BACKBONE_KEYS, drop_unused_backbone_parts
 from pretrain.config import ConfigError, resolve_path
+from pretrain.models.encoded import concept_inputs
 from pretrain.models.text import FusionBert
 from pretrain.text import pre_caption
 from pretrain.text.tokenizer import TextTokenizer
@@ -240,7 +241,8 @@ class VQATask(nn.Module):
 
     def question_states(self, batch: dict) -> torch.Tensor:
         model = self.model
-        image_tokens = model.visual_encoder(batch["image"].to(next(model.visual_encoder.parameters()).dtype))
+        images = batch["image"].to(next(model.visual_encoder.parameters()).dtype)
+        image_tokens = model.image_tokens(images, concept_inputs(batch))
         return model.text_encoder(batch["input_ids"], batch["attention_mask"], image_tokens)
 
     def forward(self, batch: dict) -> dict:

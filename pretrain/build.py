@@ -48,7 +48,8 @@ def build_backbone(model_config: ModelConfig):
     model = build_albef(model_config.vision, model_config.image_size, bert_dir, model_config.fusion_layer,
                         embed_dim=model_config.embed_dim, vision_overrides=dict(model_config.vision_overrides),
                         text_overrides=dict(model_config.text_overrides), temp=model_config.temp,
-                        itm_head=model_config.itm_head, local_attn_depth=model_config.local_attn_depth)
+                        itm_head=model_config.itm_head, local_attn_depth=model_config.local_attn_depth,
+                        concept_layers=model_config.concepts.layers)
     if model_config.grad_checkpointing:
         model.set_grad_checkpointing(True)
     tokenizer = build_tokenizer(bert_dir, max_length=model_config.max_text_length,

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pretrain.config import ConfigError, from_mapping
+from pretrain.models.concepts import CaptionsAndConcepts
 from pretrain.objectives import objective_class
 from pretrain.objectives.base import Objective
 from pretrain.schema import PretrainConfig
@@ -53,6 +54,13 @@ def albef_batch(tokenizer, config: PretrainConfig) -> TokenizeBatch:
     return TokenizeBatch(tokenizer)
 
 
+def vicha_batch(tokenizer, config: PretrainConfig):
+    """ALBEF's captions, plus each image's visual-concept tokens when the backbone reads them."""
+    if not config.model.concepts.enabled:
+        return TokenizeBatch(tokenizer)
+    return CaptionsAndConcepts(tokenizer, config.model.concepts)
+
+
 METHODS: dict[str, Method] = {
     "albef": Method(objectives={"itc": {}, "itm": {}, "mlm": {}}, batch_adapter=albef_batch),
     # X-VLM (reference/methods.md section 1): in-batch ITC without momentum, ITM, span-masked MLM on image-text
@@ -65,6 +73,9 @@ METHODS: dict[str, Method] = {
         streams={REGION_STREAM: Stream(batch_adapter=xvlm_region_batch, options=RegionStreamOptions,
                                        transform={"region_crop": True, "flip_text": "skip",
                                                   "randaugment_geometric": False})}),
+    # ViCHA: ALBEF's three, hierarchical ITC (weight = ita_hidden_weight) and MAE; concepts via model.concepts.
+    "vicha": Method(objectives={"itc": {}, "itm": {}, "mlm": {}, "hitc": {"weight": 0.1}, "mim": {}},
+                    batch_adapter=vicha_batch),
 }
 
 

@@ -5,7 +5,8 @@ position of any of its ground-truth captions in the descending order of ``scores
 the position of its image in ``scores_t2i[t]``. R@K = 100 x mean(rank < K). Ties are broken by index
 order (a stable sort), so results are reproducible. ``zero_shot_retrieval`` embeds an evaluation split
 (shards whose ``json.captions`` hold the captions of each image, e.g. built with ``--format coco``) and
-scores every pair by ITC similarity; fine-tuned retrieval re-ranks with ITM (finetune package).
+scores every pair by ITC similarity; fine-tuned retrieval re-ranks with ITM (finetune package). A backbone
+that reads visual concepts (ViCHA) gets every image's ``json.concepts``, all of them, as in evaluation.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import torch
 from data_shards.boxes import TransformConfig
 from data_shards.reader import ShardReader
 from data_shards.transforms import PilTransform
+from pretrain.models.concepts import ConceptBatch
+from pretrain.schema import ConceptConfig
 from pretrain.text import pre_caption
 
 
@@ -47,15 +50,18 @@ def chance_r1(img2txt: list[list[int]], num_texts: int) -> float:
     return 100.0 * (text_side + image_side) / 2
 
 
-def load_split(urls: str, transform: TransformConfig) -> tuple[list[torch.Tensor], list[str], list[list[int]],
-                                                              list[int]]:
+def load_split(urls: str, transform: TransformConfig, metas: list | None = None) -> tuple[
+        list[torch.Tensor], list[str], list[list[int]], list[int]]:
     """Every image of a retrieval split (``transform``, an evaluation one) and its cleaned captions, numbered in
-    shard order: ``(images, texts, img2txt, txt2img)``. Zero-shot and fine-tuned retrieval both read splits here."""
+    shard order: ``(images, texts, img2txt, txt2img)``. Zero-shot and fine-tuned retrieval both read splits here.
+    ``metas``, a list, receives each image's json (its concepts, for a backbone that reads them)."""
     render = PilTransform(transform)
     images, texts, img2txt, txt2img = [], [], [], []
     for sample in ShardReader(urls, rank=0, world_size=1, shard_shuffle=False):
         item = render(sample)
         captions = item["meta"].get("captions") or [item["text"]]
+        if metas is not None:
+            metas.append((item["__key__"], item["meta"]))
         images.append(item["image"])
         img2txt.append(list(range(len(texts), len(texts) + len(captions))))
         txt2img.extend([len(images) - 1] * len(captions))
@@ -65,15 +71,32 @@ def load_split(urls: str, transform: TransformConfig) -> tuple[list[torch.Tensor
     return images, texts, img2txt, txt2img
 
 
+def split_concepts(adapter: ConceptBatch, metas: list, start: int, stop: int, device):
+    """``(concept_ids, concept_mask)`` of images ``start:stop`` of a split read with ``metas``, by an evaluation
+    ``ConceptBatch`` (every concept of each image)."""
+    chunk = metas[start:stop]
+    tokens = adapter.tokenizer(adapter.texts([key for key, _ in chunk], [meta for _, meta in chunk]))
+    return tokens["input_ids"].to(device), tokens["attention_mask"].to(device)
+
+
 @torch.no_grad()
-def zero_shot_retrieval(model, tokenizer, urls: str, image_size: int, batch_size: int = 64) -> dict:
-    """ITC-only retrieval on ``urls``; every rank runs it identically (ZeRO-3 needs all ranks)."""
-    images, texts, img2txt, txt2img = load_split(urls, TransformConfig(image_size=image_size, train=False))
+def zero_shot_retrieval(model, tokenizer, urls: str, image_size: int, batch_size: int = 64,
+                        concepts: ConceptConfig | None = None) -> dict:
+    """ITC-only retrieval on ``urls``; every rank runs it identically (ZeRO-3 needs all ranks). ``concepts``
+    (``model.concepts``) is needed when the model reads visual concepts."""
+    metas = []
+    images, texts, img2txt, txt2img = load_split(urls, TransformConfig(image_size=image_size, train=False), metas)
     parameter = model.vision_proj.weight
+    adapter = None
+    if getattr(model, "concept_encoder", None) is not None:
+        adapter = ConceptBatch(tokenizer, concepts or ConceptConfig(), train=False)
     was_training = model.training
     model.eval()
-    image_feats = [model.image_embeddings(torch.stack(images[i:i + batch_size]).to(parameter))[1].float()
-                   for i in range(0, len(images), batch_size)]
+    image_feats = []
+    for i in range(0, len(images), batch_size):
+        concept_pair = split_concepts(adapter, metas, i, i + batch_size, parameter.device) if adapter else None
+        image_feats.append(model.image_embeddings(torch.stack(images[i:i + batch_size]).to(parameter),
+                                                  concept_pair)[1].float())
     text_feats = []
     for i in range(0, len(texts), batch_size):
         tokens = tokenizer(texts[i:i + batch_size])

@@ -23,6 +23,26 @@ NO_DECAY_RULES = ("albef", "xvlm")       # pretrain.task.parameter_groups
 
 
 @dataclass(frozen=True)
+class ConceptConfig:
+    """``model.concepts``: whether the backbone reads visual concepts, and how the batches give them."""
+
+    layers: int = 0                     # BERT layers of the concept encoder; 0 = no concepts (ALBEF)
+    max_length: int = 55                # concept tokens per image, [CLS] included (ViCHA: 55)
+    sample_fraction: float | None = None  # training draws int(f * n) concepts with replacement (ViCHA: 0.3)
+    separator: str = " "                # between concept words (ViCHA sep_token false: a space)
+
+    def __post_init__(self):
+        require_at_least(self.layers, "layers", 0)
+        require_at_least(self.max_length, "max_length", 2)
+        require(self.sample_fraction is None or 0.0 < self.sample_fraction <= 1.0, "sample_fraction",
+                f"must lie in (0, 1] or be null (use every concept), got {self.sample_fraction}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.layers > 0
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     vision: str = "vit_base_patch16_224"          # timm model name
     vision_overrides: dict = field(default_factory=dict)  # e.g. {depth: 2, embed_dim: 192, num_heads: 3}
@@ -44,6 +64,7 @@ class ModelConfig:
     # Start a pretraining run from a whole pretrained model instead of unimodal weights (X-VLM's domain pretraining):
     # a pretrain.export / imported X-VLM .safetensors, or a run's checkpoints directory.
     init_checkpoint: str | None = None
+    concepts: ConceptConfig = field(default_factory=ConceptConfig)  # ViCHA's visual concepts (layers: 0 = none)
 
     def __post_init__(self):
         require_at_least(self.image_size, "image_size", 1)

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from pretrain.methods import ObjectiveSpec
-from pretrain.models.encoded import TOWERS, Encoded, Wants, encode
+from pretrain.models.encoded import Encoded, Wants, concept_inputs, encode, momentum_towers
 from pretrain.objectives.base import Objective, StepContext
 from pretrain.objectives.momentum import MomentumCopy, alpha_at
 from pretrain.schema import DistillationConfig, OptimConfig
@@ -51,7 +51,7 @@ class PretrainTask(nn.Module):
         for need in needs:
             self.wants = self.wants | need.wants
         asked = {name for need in needs for name in need.momentum}
-        self.momentum_towers = tuple(name for name in TOWERS if name in asked)
+        self.momentum_towers = momentum_towers(asked, model)
         momentum = None
         if self.momentum_towers:
             momentum = MomentumCopy({name: getattr(model, name) for name in self.momentum_towers},
@@ -116,7 +116,8 @@ class PretrainTask(nn.Module):
         step = self.step
         active = [name for name, spec in self.specs.items() if spec.weight and step >= spec.start_step]
         self._alpha = alpha = self.current_alpha()
-        encoded = encode(self.model, batch["image"], batch["input_ids"], batch["attention_mask"], self.wants)
+        encoded = encode(self.model, batch["image"], batch["input_ids"], batch["attention_mask"], self.wants,
+                         concept_inputs(batch))
         encoded_m = self._encode_momentum(batch, step)
         context = StepContext(step=step, alpha=alpha, model=self.model, training=self.training,
                               momentum=self.momentum.towers() if self.momentum is not None else None)
@@ -142,7 +143,7 @@ class PretrainTask(nn.Module):
             images = batch["image"]
             with torch.autocast(images.device.type, dtype=dtype, enabled=dtype != torch.float32):
                 return encode(self.momentum.towers(), images.float(), batch["input_ids"], batch["attention_mask"],
-                              self.wants)
+                              self.wants, concept_inputs(batch))
 
 
 # X-VLM's rule: a parameter skips weight decay when its name holds one of these (``relative_position_bias_table``

@@ -184,7 +184,8 @@ def train(args: argparse.Namespace) -> dict:
                "final_loss": {name: value.item() for name, value in losses.items()}}
     if config.eval.retrieval_urls:
         summary["zero_shot_retrieval"] = zero_shot_retrieval(
-            task.model, tokenizer, config.eval.retrieval_urls, config.model.image_size, config.eval.batch_size)
+            task.model, tokenizer, config.eval.retrieval_urls, config.model.image_size, config.eval.batch_size,
+            config.model.concepts)
         log.note("zero-shot retrieval: " + json.dumps(summary["zero_shot_retrieval"]))
     if rank == 0:
         with open(os.path.join(output_dir, "results.json"), "w") as handle:

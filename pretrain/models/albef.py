@@ -24,7 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pretrain.models.encoded import FINAL_ONLY, TOWERS, Encoded, Wants, encode
+from pretrain.importers.vicha import from_vicha_state_dict, is_vicha_layout
+from pretrain.models.concepts import ConceptEncoder, build_concept_encoder, copy_text_layers
+from pretrain.models.encoded import FINAL_ONLY, TOWERS, Encoded, Wants, concept_tokens, encode
 from pretrain.models.swin import build_swin_encoder, is_swin, load_swin_weights
 from pretrain.models.text import FusionBert, load_bert_config, load_text_weights
 from pretrain.models.vision import VisionEncoder, build_vision_encoder, interpolate_pos_embed, load_vision_weights
@@ -35,11 +37,16 @@ POSITION_IDS_SUFFIX = ".embeddings.position_ids"
 
 
 class ALBEFModel(nn.Module):
-    """The ALBEF backbone around a built ``VisionEncoder`` and ``FusionBert``; heads on their [CLS] tokens."""
+    """The ALBEF backbone around a built ``VisionEncoder`` and ``FusionBert``; heads on their [CLS] tokens.
+
+    ``concept_encoder`` (ViCHA) turns each image's concept words into extra ViT tokens; the image methods
+    then take ``concepts=(concept_ids, concept_mask)``. Without it the model is ALBEF's, key for key.
+    """
 
     def __init__(
         self, visual_encoder: VisionEncoder, text_encoder: FusionBert, embed_dim: int = 256, temp: float = 0.07,
         itm_head: str = "linear", local_attn_depth: int = 4,
+        concept_encoder: ConceptEncoder | None = None,
     ):
         super().__init__()
         if text_encoder.encoder_width != visual_encoder.width:
@@ -59,15 +66,27 @@ class ALBEFModel(nn.Module):
         # Shape [1], not ALBEF's 0-d: DeepSpeed's parameter broadcast cannot view a 0-d tensor as
         # bytes. The key maps below convert at the checkpoint boundary.
         self.temp = nn.Parameter(torch.tensor([float(temp)]))
+        # Registered last, so ALBEF's parameters keep their order whether or not a model reads concepts.
+        self.concept_encoder = concept_encoder
 
     def encode(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-               wants: Wants = FINAL_ONLY) -> Encoded:
+               wants: Wants = FINAL_ONLY, concepts: tuple[torch.Tensor, torch.Tensor] | None = None) -> Encoded:
         """Both towers on one batch, as the record every objective reads (``pretrain.models.encoded``)."""
-        return encode(self, images, input_ids, attention_mask, wants)
+        return encode(self, images, input_ids, attention_mask, wants, concepts)
 
-    def image_embeddings(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``images`` [B, 3, H, W] -> (tokens [B, 1+N, D], L2-normalised projected CLS [B, embed_dim])."""
-        tokens = self.visual_encoder(images)
+    def image_tokens(self, images: torch.Tensor,
+                     concepts: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """``images`` [B, 3, H, W] -> tokens [B, 1+N(+E), D]: the image tower's output, concept tokens last."""
+        extra = concept_tokens(self, concepts)
+        if extra is None:
+            return self.visual_encoder(images)
+        return self.visual_encoder.encode(images, extra_tokens=extra).tokens
+
+    def image_embeddings(
+        self, images: torch.Tensor, concepts: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``images`` [B, 3, H, W] -> (tokens [B, 1+N(+E), D], L2-normalised projected CLS [B, embed_dim])."""
+        tokens = self.image_tokens(images, concepts)
         return tokens, F.normalize(self.vision_proj(tokens[:, 0]), dim=-1)
 
     def text_embeddings(
@@ -92,6 +111,8 @@ class ALBEFModel(nn.Module):
         """Activation checkpointing per block in both towers."""
         self.visual_encoder.set_grad_checkpointing(enabled)
         self.text_encoder.set_grad_checkpointing(enabled)
+        if self.concept_encoder is not None:
+            self.concept_encoder.set_grad_checkpointing(enabled)
 
 
 def build_itm_head(kind: str, hidden_size: int) -> nn.Module:
@@ -117,29 +138,41 @@ def build_albef(
     with_mlm_head: bool = True,
     itm_head: str = "linear",
     local_attn_depth: int = 4,
+    concept_layers: int = 0,
 ) -> ALBEFModel:
     """A randomly initialised ALBEF model from a timm name (a ViT, or a Swin for X-VLM) and the config.json of a
-    LOCAL BERT directory."""
+    LOCAL BERT directory.
+
+    ``concept_layers`` > 0 adds ViCHA's concept encoder, its layers copied from the text encoder's first ones.
+    """
     if is_swin(vision_name):
         visual_encoder = build_swin_encoder(vision_name, image_size, **(vision_overrides or {}))
     else:
         visual_encoder = build_vision_encoder(vision_name, image_size, **(vision_overrides or {}))
     config = load_bert_config(bert_dir, **(text_overrides or {}))
     text_encoder = FusionBert(config, fusion_layer, encoder_width=visual_encoder.width, with_mlm_head=with_mlm_head)
-    return ALBEFModel(visual_encoder, text_encoder, embed_dim=embed_dim, temp=temp, itm_head=itm_head,
-                      local_attn_depth=local_attn_depth)
+    model = ALBEFModel(visual_encoder, text_encoder, embed_dim=embed_dim, temp=temp, itm_head=itm_head,
+                       local_attn_depth=local_attn_depth)
+    if concept_layers:  # built last, so the other parameters start as they would in ALBEF under the same seed
+        model.concept_encoder = build_concept_encoder(config, concept_layers, visual_encoder.width)
+        copy_text_layers(model.concept_encoder, text_encoder)
+    return model
 
 
 def load_pretrained_encoders(model: ALBEFModel, *, vision_weights: str | None, bert_dir: str | None) -> dict:
     """Load unimodal pretrained weights into both towers; a tower given None keeps its initialisation.
 
-    Returns ``{"vision": LoadReport | None, "text": LoadReport | None}``.
+    Returns ``{"vision": LoadReport | None, "text": LoadReport | None}``. A concept encoder is initialised
+    again from the loaded text encoder's first layers (ViCHA loads both from the same BERT).
     """
     load_vision = load_swin_weights if not isinstance(model.visual_encoder, VisionEncoder) else load_vision_weights
-    return {
+    reports = {
         "vision": load_vision(model.visual_encoder, vision_weights) if vision_weights else None,
         "text": load_text_weights(model.text_encoder, bert_dir) if bert_dir else None,
     }
+    if bert_dir and model.concept_encoder is not None:
+        copy_text_layers(model.concept_encoder, model.text_encoder)
+    return reports
 
 
 def _momentum_module(key: str) -> str | None:
@@ -159,11 +192,14 @@ def from_albef_state_dict(state_dict: dict, num_patches: int | None = None) -> t
       they load into a copy of the online modules.
     - queue: ``image_queue``, ``text_queue``, ``queue_ptr`` (and ``idx_queue``), unchanged.
     ``num_patches`` interpolates both ``pos_embed`` to a new image size (e.g. 256 px -> 384 px).
-    A ``{"model": ...}`` wrapper is unwrapped. Other keys (e.g. ``text_decoder.*``) stay in ``model``
+    A ``{"model": ...}`` wrapper is unwrapped; a state in ViCHA's layout is mapped by
+    ``pretrain.importers.vicha`` first. Other keys (e.g. ``text_decoder.*``) stay in ``model``
     so that a strict load names them.
     """
     if isinstance(state_dict.get("model"), dict):
         state_dict = state_dict["model"]
+    if is_vicha_layout(state_dict):  # a released ViCHA file: its concept encoder and heads renamed to ours first
+        state_dict, _report = from_vicha_state_dict(state_dict)
     model_state, momentum_state, queue_state = {}, {}, {}
     for key, value in state_dict.items():
         if key in QUEUE_KEYS:

@@ -13,6 +13,10 @@ record from its EMA copies in the same place::
     encoded_m = encode(momentum.towers(), images, input_ids, attention_mask, wants)  # EMA copies, no_grad
 
 A tower the holder lacks (a momentum side that copies only some modules) leaves its fields None.
+
+A backbone with a concept encoder (ViCHA's visual concepts, ``pretrain.models.concepts``) needs each image's
+concept tokens: ``encode(..., concepts=concept_inputs(batch))`` appends them to the ViT sequence, so
+``image_tokens`` holds ``[CLS, patches, concept tokens]`` and ``concept_tokens`` the projected concepts.
 """
 
 from __future__ import annotations
@@ -23,8 +27,9 @@ import torch
 import torch.nn.functional as F
 
 # The towers the record is made from, in the order ALBEF runs them; also the modules ALBEF keeps momentum
-# (EMA) copies of, saved as ``<name>_m.*``.
-TOWERS = ("visual_encoder", "vision_proj", "text_encoder", "text_proj")
+# (EMA) copies of, saved as ``<name>_m.*``. ``concept_encoder`` exists only in backbones that read visual
+# concepts (ViCHA); its tokens are part of the image tower's input.
+TOWERS = ("visual_encoder", "vision_proj", "text_encoder", "text_proj", "concept_encoder")
 
 
 @dataclass(frozen=True)
@@ -52,11 +57,27 @@ class Encoded:
     text_feat: torch.Tensor | None = None            # [B, E] normalised projection of the text CLS
     image_layers: dict[int, torch.Tensor] = field(default_factory=dict)  # block index -> [B, S, D]
     text_layers: dict[int, torch.Tensor] = field(default_factory=dict)   # layer index -> [B, T, H]
+    concept_tokens: torch.Tensor | None = None       # [B, E, D] concept tokens appended to the ViT sequence
+
+
+def concept_inputs(batch: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(concept_ids, concept_mask)`` of a batch whose adapter added concepts, else None."""
+    if "concept_ids" not in batch:
+        return None
+    return batch["concept_ids"], batch["concept_mask"]
+
+
+def momentum_towers(asked, holder) -> tuple[str, ...]:
+    """The towers of ``holder`` to keep momentum copies of, in ``TOWERS`` order: those asked for that it has,
+    and its concept encoder whenever the image tower is copied (the momentum image tokens read its concepts)."""
+    wanted = set(asked) | ({"concept_encoder"} if "visual_encoder" in asked else set())
+    return tuple(name for name in TOWERS if name in wanted and getattr(holder, name, None) is not None)
 
 
 def encode(towers, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-           wants: Wants = FINAL_ONLY) -> Encoded:
-    """Run the towers ``towers`` holds (``visual_encoder``, ``vision_proj``, ``text_encoder``, ``text_proj``).
+           wants: Wants = FINAL_ONLY, concepts: tuple[torch.Tensor, torch.Tensor] | None = None) -> Encoded:
+    """Run the towers ``towers`` holds (``visual_encoder``, ``vision_proj``, ``text_encoder``, ``text_proj``,
+    ``concept_encoder``); ``concepts`` are ``(concept_ids, concept_mask)`` when it has a concept encoder.
 
     Images are cast to the image tower's parameter dtype (bf16/fp16 under such engines).
     """
@@ -64,8 +85,9 @@ def encode(towers, images: torch.Tensor, input_ids: torch.Tensor, attention_mask
     visual_encoder = getattr(towers, "visual_encoder", None)
     if visual_encoder is not None:
         images = images.to(next(visual_encoder.parameters()).dtype)
-        if wants.image_layers:
-            output = visual_encoder.encode(images, layers=tuple(sorted(wants.image_layers)))
+        extra = encoded.concept_tokens = concept_tokens(towers, concepts)
+        if wants.image_layers or extra is not None:
+            output = visual_encoder.encode(images, layers=tuple(sorted(wants.image_layers)), extra_tokens=extra)
             encoded.image_tokens, encoded.image_layers = output.tokens, output.layers
         else:
             encoded.image_tokens = visual_encoder(images)
@@ -83,3 +105,16 @@ def encode(towers, images: torch.Tensor, input_ids: torch.Tensor, attention_mask
         if text_proj is not None:
             encoded.text_feat = F.normalize(text_proj(encoded.text_hidden[:, 0]), dim=-1)
     return encoded
+
+
+def concept_tokens(towers, concepts: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor | None:
+    """The ViT extra tokens of ``towers``' concept encoder (None when it has none); an error when it has one
+    and no concepts came with the batch."""
+    concept_encoder = getattr(towers, "concept_encoder", None)
+    if concept_encoder is None:
+        return None
+    if concepts is None:
+        raise ValueError("this model reads visual concepts (it has a concept encoder), but the batch carries "
+                         "none: give every sample json.concepts (python -m data_shards concepts) and a batch "
+                         "adapter that tokenises them (pretrain.models.concepts.ConceptBatch)")
+    return concept_encoder(*concepts)

@@ -11,8 +11,10 @@ import importlib
 
 from pretrain.config import ConfigError
 from pretrain.objectives.base import Objective
+from pretrain.objectives.hitc import HierarchicalITC
 from pretrain.objectives.itc import ITC
 from pretrain.objectives.itm import ITM
+from pretrain.objectives.mim import MaskedImageModelling
 from pretrain.objectives.mlm import MLM
 from pretrain.objectives.region import RegionITC, RegionITM, RegionMLM
 from pretrain.objectives.region_box import Box
@@ -21,7 +23,9 @@ from pretrain.objectives.span_mlm import SpanMLM
 OBJECTIVES: dict[str, type[Objective]] = {"itc": ITC, "itm": ITM, "mlm": MLM,
                                           # X-VLM
                                           "span_mlm": SpanMLM, "region_itc": RegionITC, "region_itm": RegionITM,
-                                          "region_mlm": RegionMLM, "box": Box}
+                                          "region_mlm": RegionMLM, "box": Box,
+                                          # ViCHA
+                                          "hitc": HierarchicalITC, "mim": MaskedImageModelling}
 
 
 def objective_class(name: str, class_path: str | None) -> type[Objective]:

@@ -36,7 +36,7 @@ def test_a_config_updates_the_defaults_adds_objectives_and_drops_one_with_weight
 @pytest.mark.parametrize("overrides, message", [
     (["objectives.itc.queue_sze=5"], r"unknown key objectives.itc.'queue_sze' in ITCConfig; valid keys: queue_size"),
     (["objectives.itc.temp_min=0.9"], r"objectives.itc.temp_min: must be positive and at most temp_max \(0.5\)"),
-    (["objectives.mim={}"], r"objectives.mim: no built-in objective of that name \(built in: itc, itm, mlm[,)]"),
+    (["objectives.nosuch={}"], r"objectives.nosuch: no built-in objective of that name \(built in: itc, itm, mlm"),
     (["objectives.mine={class_path: nowhere.module:Thing}"],
      r"objectives.mine.class_path='nowhere.module:Thing' cannot be loaded: No module named 'nowhere'"),
     (["objectives.mine={class_path: 'pretrain.config:ConfigError'}"], r"is not a subclass of .*Objective"),
@@ -47,7 +47,7 @@ def test_a_config_updates_the_defaults_adds_objectives_and_drops_one_with_weight
      r"every objective has weight 0"),
     (["objectives.itc.start_step=1", "objectives.itm.start_step=1", "objectives.mlm.start_step=2"],
      r"no objective runs from step 0"),
-    (["method=vicha"], r"method 'vicha' is not known; choose one of albef"),
+    (["method=nosuch"], r"method 'nosuch' is not known; choose one of albef"),
     (["data.streams={regions: {train: [{urls: 'r-{0..1}.tar'}]}}"],
      r"data.streams lists \['regions'\], method 'albef' reads none"),
 ])
