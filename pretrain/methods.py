@@ -24,6 +24,7 @@ from pretrain.objectives import objective_class
 from pretrain.objectives.base import Objective
 from pretrain.schema import PretrainConfig
 from pretrain.text.batch import TokenizeBatch
+from pretrain.text.pevl_batch import pevl_batch
 
 # Keys of an ``objectives.<name>`` entry that the task applies itself; every other key is the objective's.
 COMMON_KEYS = ("weight", "start_step", "class_path")
@@ -53,6 +54,10 @@ def albef_batch(tokenizer, config: PretrainConfig) -> TokenizeBatch:
 
 METHODS: dict[str, Method] = {
     "albef": Method(objectives={"itc": {}, "itm": {}, "mlm": {}}, batch_adapter=albef_batch),
+    # PEVL: boxes written into the caption as position tokens; the generalised MLM with the soft position loss.
+    # A flip swaps left/right in the caption, the region spans following (data_shards.boxes).
+    "pevl": Method(objectives={"itc": {}, "itm": {}, "position_mlm": {}}, batch_adapter=pevl_batch,
+                   transform={"flip_text": "swap"}),
 }
 
 

@@ -14,8 +14,10 @@ from pretrain.objectives.base import Objective
 from pretrain.objectives.itc import ITC
 from pretrain.objectives.itm import ITM
 from pretrain.objectives.mlm import MLM
+from pretrain.objectives.position import PositionMLM
 
 OBJECTIVES: dict[str, type[Objective]] = {"itc": ITC, "itm": ITM, "mlm": MLM}
+OBJECTIVES["position_mlm"] = PositionMLM  # PEVL: position tokens masked by groups, the order-aware soft loss
 
 
 def objective_class(name: str, class_path: str | None) -> type[Objective]:
