@@ -65,7 +65,35 @@ def build_task(config: PretrainConfig, specs: list[ObjectiveSpec], plan: StepPla
     """The pretraining task (backbone + objectives) and its tokenizer."""
     model, tokenizer = build_backbone(config.model)
     load_encoder_weights(model, config.model)
+    initial = load_init_checkpoint(model, config.model) if config.model.init_checkpoint else None
     build = BuildContext(model=model, tokenizer=tokenizer, global_batch=plan.global_batch,
                          steps_per_epoch=plan.steps_per_epoch, distillation_alpha=config.distillation.alpha)
     objectives = {spec.name: spec.cls(spec.options, build) for spec in specs}
-    return PretrainTask(model, objectives, specs, config.distillation, plan.steps_per_epoch, config.method), tokenizer
+    task = PretrainTask(model, objectives, specs, config.distillation, plan.steps_per_epoch, config.method)
+    if initial is not None and initial.momentum and task.momentum is not None:
+        task.momentum.load_state_dict({f"{name.split('.', 1)[0]}_m.{name.split('.', 1)[1]}": value
+                                       for name, value in initial.momentum.items()
+                                       if name.split(".", 1)[0] in task.momentum_towers})
+    return task, tokenizer
+
+
+def load_init_checkpoint(model: ALBEFModel, model_config: ModelConfig):
+    """``model.init_checkpoint`` into the backbone, strictly (every key of the file accounted for: see
+    ``pretrain.importers.pevl``, whose layout holds ALBEF's); returns the imported parts."""
+    from pretrain.importers.pevl import import_pevl_state
+    from pretrain.models import read_state_dict
+
+    path = resolve_path(model_config.init_checkpoint)
+    try:
+        imported = import_pevl_state(read_state_dict(path), num_patches=model.visual_encoder.num_patches)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"model.init_checkpoint={model_config.init_checkpoint!r}: {error}") from None
+    own = model.state_dict()
+    missing = sorted(set(own) - set(imported.model))
+    unexpected = sorted(set(imported.model) - set(own))
+    mis_shaped = sorted(key for key in set(own) & set(imported.model) if own[key].shape != imported.model[key].shape)
+    if missing or unexpected or mis_shaped:
+        raise ConfigError(f"model.init_checkpoint={model_config.init_checkpoint!r} does not fit model.*: missing "
+                          f"{missing[:6]}, unexpected {unexpected[:6]}, mis-shaped {mis_shaped[:6]}")
+    model.load_state_dict(imported.model)
+    return imported

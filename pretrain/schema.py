@@ -17,6 +17,7 @@ from pretrain.config import require, require_at_least, require_choice
 
 DATA_MODES = ("exact", "resampled")       # data_shards.reader.MODES
 DECODERS = ("pil", "dali", "auto")       # data_shards.loader.DECODERS
+CROP_MODES = ("random_resized", "mdetr")  # data_shards.boxes.CROP_MODES
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,9 @@ class ModelConfig:
     max_text_length: int = 25
     trailing_sep: bool = False                    # released ALBEF checkpoints expect no trailing [SEP]
     grad_checkpointing: bool = False
+    # Pretraining only: a whole checkpoint (released ALBEF or PEVL .pth, an exported .safetensors) the run starts
+    # from, loaded over vision_weights / the BERT weights; its momentum copies too when it has them.
+    init_checkpoint: str | None = None
 
     def __post_init__(self):
         require_at_least(self.image_size, "image_size", 1)
@@ -88,6 +92,7 @@ class DataConfig:
     shuffle_buffer: int = 1000
     decoder: str = "auto"                         # pil | dali | auto
     crop_scale: tuple[float, float] = (0.2, 1.0)
+    crop_mode: str = "random_resized"             # or mdetr: PEVL's random resize + size crop
     randaugment: bool = True
     hflip: bool = True
     hdfs_command: str = "hdfs dfs -cat"
@@ -97,6 +102,7 @@ class DataConfig:
     def __post_init__(self):
         require_choice(self.mode, "mode", DATA_MODES)
         require_choice(self.decoder, "decoder", DECODERS)
+        require_choice(self.crop_mode, "crop_mode", CROP_MODES)
         require_at_least(self.samples_per_epoch, "samples_per_epoch", 1)
         require_at_least(self.num_workers, "num_workers", 0)
         require_at_least(self.shuffle_buffer, "shuffle_buffer", 0)
