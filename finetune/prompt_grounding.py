@@ -23,6 +23,9 @@ random detector proposal when the shards carry proposals (``finetune.report`` ta
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
 import sys
 import zlib
 from dataclasses import dataclass
@@ -36,6 +39,7 @@ from finetune.prompting import backbone_with_positions, freeze, slot_logits
 from pretrain.config import ConfigError
 from pretrain.objectives.box import cxcywh_to_xyxy, xyxy_to_cxcywh
 from pretrain.objectives.position import GROUP_SIZE, soft_position_loss, soft_position_targets
+from pretrain.report import merge_into_summary
 from pretrain.text.cleaning import clean_caption
 from pretrain.text.pevl_batch import MAX_WORDS
 from pretrain.text.positions import (
@@ -201,5 +205,34 @@ SPEC = TaskSpec(name="prompt_grounding", options=Options, build=build_task,
                 evaluate=evaluate, metric="accuracy")
 
 
+def position_accuracy(argv: list[str]) -> int:
+    """``position-accuracy RUN_DIR --summary FILE``: an evaluation run's ``exact`` and ``within_8`` as
+    ``pretrain.position_accuracy`` of the summary (the demo evaluates the pretrained model this way)."""
+    parser = argparse.ArgumentParser(prog="python -m finetune.prompt_grounding position-accuracy",
+                                     description=position_accuracy.__doc__.splitlines()[0])
+    parser.add_argument("run_dir", help="a prompt_grounding run folder (its results.json)")
+    parser.add_argument("--summary", required=True, help="summary JSON to update")
+    args = parser.parse_args(argv)
+    with open(os.path.join(args.run_dir, "results.json")) as handle:
+        results = json.load(handle)
+    split = results.get("test") or results.get("val") or {}
+    section = {}
+    if os.path.exists(args.summary):
+        with open(args.summary) as handle:
+            section = json.load(handle).get("pretrain", {})
+    section["position_accuracy"] = {"exact": split["exact"], "within_8": split["within_8"],
+                                    "accuracy_at_0.5": split["accuracy"], "prompts": split["samples"]}
+    merge_into_summary(args.summary, "pretrain", section)
+    print(f"position tokens of the pretrained model: exact bin {split['exact']:.1f}%, within 8 bins "
+          f"{split['within_8']:.1f}%, Acc@0.5 {split['accuracy']:.1f}% ({split['samples']} boxes)")
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["position-accuracy"]:
+        return position_accuracy(argv[1:])
+    return run(SPEC, argv)
+
+
 if __name__ == "__main__":
-    sys.exit(run(SPEC))
+    sys.exit(main(sys.argv[1:]))

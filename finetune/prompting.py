@@ -27,6 +27,8 @@ import torch
 from torch import nn
 
 from pretrain.importers.pevl import UNUSED_QUEUES, check_position_token_ids
+from pretrain.text.cleaning import clean_caption
+from pretrain.text.pevl_batch import MAX_WORDS
 from pretrain.text.positions import FIRST_UNUSED
 
 WORD_EMBEDDINGS = "text_encoder.bert.embeddings.word_embeddings.weight"
@@ -38,6 +40,48 @@ class Candidate:
 
     tokens: tuple[tuple[int, int], ...]
     length: int
+
+
+def assemble(tokenizer, rows: Sequence[Sequence[str | tuple[int, ...]]]) -> tuple[dict, list[list[int]]]:
+    """Token rows from pieces: a ``str`` is text (cleaned with the markers kept, then tokenised), a tuple of ids is
+    written as it is (``[SEP]``, ``[MASK]`` slots, which cleaning would lower-case). Each row is ``[CLS]`` and its
+    pieces, padded to the longest; a row over ``tokenizer.max_length`` loses text from the end of its first text
+    piece, then the next, never ids. Returns the batch and, per row, the column where each piece starts."""
+    texts = [clean_caption(piece, MAX_WORDS, keep=tokenizer.markers).text
+             for row in rows for piece in row if isinstance(piece, str)]
+    text_ids = iter([])
+    if texts:
+        encoded = tokenizer(texts)
+        trailing = 1 if tokenizer.trailing_sep else 0  # pieces carry neither [CLS] nor a trailing [SEP]
+        text_ids = iter([ids[1:int(mask.sum()) - trailing].tolist()
+                         for ids, mask in zip(encoded["input_ids"], encoded["attention_mask"], strict=True)])
+    assembled, starts = [], []
+    for row in rows:
+        pieces = [next(text_ids) if isinstance(piece, str) else list(piece) for piece in row]
+        excess = 1 + sum(map(len, pieces)) - tokenizer.max_length
+        for index, piece in enumerate(row):
+            if excess <= 0:
+                break
+            if isinstance(piece, str):
+                cut = min(excess, len(pieces[index]))
+                pieces[index] = pieces[index][: len(pieces[index]) - cut]
+                excess -= cut
+        if excess > 0:
+            raise ValueError(f"a prompt's fixed tokens need {tokenizer.max_length + excess} positions; raise "
+                             f"model.max_text_length above {tokenizer.max_length}")
+        offsets, column = [], 1
+        for piece in pieces:
+            offsets.append(column)
+            column += len(piece)
+        assembled.append([tokenizer.cls_token_id, *(token for piece in pieces for token in piece)])
+        starts.append(offsets)
+    longest = max(map(len, assembled))
+    input_ids = torch.full((len(assembled), longest), tokenizer.pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(assembled), longest), dtype=torch.long)
+    for index, ids in enumerate(assembled):
+        input_ids[index, : len(ids)] = torch.tensor(ids)
+        attention_mask[index, : len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask}, starts
 
 
 def slot_logits(model, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,

@@ -177,16 +177,21 @@ class PositionMLM(Objective):
         masked_ids, labels = mask_with_positions(batch["input_ids"], positions=self.positions,
                                                  probability=self.config.probability, masking=self.config.masking,
                                                  **self.special)
+        # The MLM head (a vocabulary-wide projection, most of the step's cost with short hidden sizes) runs on
+        # the chosen positions only: both terms read nothing else, so the losses are the same.
+        chosen = labels != IGNORE_INDEX
+        labels = labels[chosen][None]
         text_encoder = step.model.text_encoder
-        logits = text_encoder.mlm_logits(text_encoder(masked_ids, encoded.attention_mask, encoded.image_tokens))
+        hidden = text_encoder(masked_ids, encoded.attention_mask, encoded.image_tokens)
+        logits = text_encoder.mlm_logits(hidden[chosen][None])
         terms = {}
         if self.config.mlm:
             logits_m = None
             if step.alpha > 0 and self.distill:
                 with torch.no_grad(), step.autocast(encoded_m.image_tokens):
                     text_encoder_m = step.momentum.text_encoder
-                    logits_m = text_encoder_m.mlm_logits(text_encoder_m(masked_ids, encoded.attention_mask,
-                                                                        encoded_m.image_tokens)).float()
+                    hidden_m = text_encoder_m(masked_ids, encoded.attention_mask, encoded_m.image_tokens)
+                    logits_m = text_encoder_m.mlm_logits(hidden_m[chosen][None]).float()
             terms["mlm"] = mlm_loss(logits.float(), labels, logits_m, step.alpha)
         terms["soft"] = self.config.soft_weight * soft_position_loss(
             logits, labels, self.positions, self.soft_targets, self.config.normalisation)
