@@ -28,7 +28,8 @@ from torch import nn
 
 from finetune.loop import DataError, TaskSpec, run
 from finetune.prompting import assemble, backbone_with_positions, freeze
-from pretrain.text.positions import marker_text, quantise_box, with_position_tokens
+from pretrain.text.pevl_batch import reference_text
+from pretrain.text.positions import with_position_tokens
 
 CHOICES = 4
 
@@ -36,24 +37,6 @@ CHOICES = 4
 @dataclass(frozen=True)
 class Options:
     rationales: bool = True       # also train and evaluate QA->R when the samples have rationale choices
-
-
-def reference_text(tokens: list, objects: dict[int, dict], width: float, height: float) -> str:
-    """A VCR token list as text, each object reference as ``name @@ p p p p ##`` (objects a crop removed as
-    their name only)."""
-    words = []
-    for token in tokens:
-        if isinstance(token, str):
-            words.append(token)
-            continue
-        named = []
-        for index in token:
-            region = objects.get(int(index))
-            if region is None:
-                raise DataError(f"object {index} of a VCR text has no region")
-            named.append(str(region["label"]) + marker_text(quantise_box(region["box"], width, height)))
-        words.append(" and ".join(named))
-    return " ".join(words)
 
 
 class VCRBatch:
@@ -81,7 +64,7 @@ class VCRBatch:
                                   for choice in meta["rationale_choices"]]
                     blocks.append(("qa2r", [[question, sep, right, sep, rationale] for rationale in rationales],
                                    meta.get("rationale_label")))
-            except (KeyError, TypeError) as error:
+            except (KeyError, TypeError, IndexError) as error:
                 raise DataError(f"VCR sample {key!r}: {error} (build with --format vcr)") from None
             for kind, block, label in blocks:
                 if len(block) != CHOICES:

@@ -13,6 +13,9 @@ What a sample's ``json`` gives (``pseudo_caption``):
   whose box a crop removed, write nothing.
 - ``box`` without regions (``--format refcoco``: a referring expression and its box): the whole expression
   is the phrase, so the marker follows it, as PEVL's REC training files are written.
+- VCR's question, right answer and right rationale (``--format vcr``), each object reference written
+  ``name @@ p p p p ##`` (``reference_text``), as PEVL's VCR pretraining data.
+- GQA's question (``--format gqa``) goes by its regions' spans, as the first case.
 - nothing of the above: the caption as it is.
 
 Cleaning is ALBEF's with the markers kept (``clean_caption(..., keep=tokenizer.markers)``), with PEVL's word
@@ -22,13 +25,38 @@ limit of 200 (markers count as words); the token limit is the tokenizer's ``max_
 from __future__ import annotations
 
 from pretrain.text.cleaning import clean_caption
-from pretrain.text.positions import NUM_BINS, insert_positions, quantise_box, with_position_tokens
+from pretrain.text.positions import NUM_BINS, insert_positions, marker_text, quantise_box, with_position_tokens
 
 MAX_WORDS = 200  # PEVL's pre_caption limit for pseudo-captions
 
 
+def reference_text(tokens: list, objects: dict[int, dict], width: float, height: float,
+                   num_bins: int = NUM_BINS) -> str:
+    """A VCR token list as text, each object reference ``[i, ...]`` as ``name @@ p p p p ##`` (several objects
+    joined by "and", PEVL's ``pseudo_seq_gen``); ``objects`` maps an index to its region (``label``, ``box``)."""
+    words = []
+    for token in tokens:
+        if isinstance(token, str):
+            words.append(token)
+            continue
+        named = []
+        for index in token:
+            region = objects.get(int(index))
+            if region is None:
+                raise KeyError(f"object {index} of a VCR text has no region")
+            named.append(str(region["label"]) + marker_text(quantise_box(region["box"], width, height, num_bins)))
+        words.append(" and ".join(named))
+    return " ".join(words)
+
+
 def pseudo_caption(text: str, meta: dict, width: float, height: float, num_bins: int = NUM_BINS) -> str:
     """The caption with position markers for the sample's boxes (see the module docstring), not yet cleaned."""
+    if meta.get("answer_choices") is not None and meta.get("answer_label") is not None:
+        objects = {int(region["index"]): region for region in meta.get("regions") or []}
+        parts = [meta["question"], meta["answer_choices"][meta["answer_label"]]]
+        if meta.get("rationale_choices") and meta.get("rationale_label") is not None:
+            parts.append(meta["rationale_choices"][meta["rationale_label"]])
+        return " ".join(reference_text(part, objects, width, height, num_bins) for part in parts)
     regions = [region for region in meta.get("regions") or [] if region.get("span") is not None]
     if regions:
         spans = [region["span"] for region in regions]

@@ -17,6 +17,7 @@ from data_shards.__main__ import main as data_shards_main
 from finetune import gqa, prompt_grounding, vcr, vrd
 from finetune.prompting import Candidate, assemble, rank_candidates
 from pretrain.config import resolve_path
+from pretrain.text.pevl_batch import pseudo_caption, reference_text
 from pretrain.text.positions import with_position_tokens
 from pretrain.text.tokenizer import build_tokenizer
 from tests.finetune.conftest import read_results, run_finetune, write_finetune_config, write_micro_batch_config
@@ -192,12 +193,17 @@ def test_vcr_rows_write_references_with_positions_and_label_the_right_choices(to
             "rationale_label": 2}
     out = vcr.VCRBatch(tokenizer, vcr.Options(), train=True)(image_batch([meta], ["where is circle ?"]))
     assert out["input_ids"].shape[0] == 8 and out["labels"].tolist() == [1, 0, 0, 0, 0, 0, 1, 0]
-    assert vcr.reference_text(meta["answer_choices"][3], {r["index"]: r for r in meta["regions"]}, 64, 64) == (
+    assert reference_text(meta["answer_choices"][3], {r["index"]: r for r in meta["regions"]}, 64, 64) == (
         "circle  @@  [pos_0] [pos_0] [pos_256] [pos_256]  ##  and square  @@  [pos_256] [pos_256] [pos_511] "
         "[pos_511]  ## ")
     row = out["input_ids"][4].tolist()
     assert row.count(SEP) == 2 and row.count(OPEN) == 4   # question [SEP] right answer [SEP] rationale
     assert out["block_kind"] == ["q2a", "qa2r"] and out["block_label"].tolist() == [0, 2]
+    # Second-stage pretraining on VCR shards writes the question, the right answer and the right rationale.
+    assert " ".join(pseudo_caption("", meta, 64, 64).split()) == (
+        "where is circle @@ [pos_0] [pos_0] [pos_256] [pos_256] ## ? circle @@ [pos_0] [pos_0] [pos_256] [pos_256] "
+        "## is left of square @@ [pos_256] [pos_256] [pos_511] [pos_511] ## circle @@ [pos_0] [pos_0] [pos_256] "
+        "[pos_256] ## is green")
 
 
 def test_vcr_metrics():
