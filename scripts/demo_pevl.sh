@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 PY=.venv/bin/python
 OUT=${DEMO_OUT:-runs/demo-pevl}
 IMAGES=${DEMO_IMAGES:-1000}
-STEPS=${DEMO_STEPS:-300}
+STEPS=${DEMO_STEPS:-200}
 mkdir -p "$OUT"
 start=$(date +%s)
 # A free rendezvous port for each launch, so the demo runs beside other DeepSpeed jobs on the machine.
