@@ -67,7 +67,8 @@ def build_task(config: PretrainConfig, specs: list[ObjectiveSpec], plan: StepPla
     load_encoder_weights(model, config.model)
     initial = load_init_checkpoint(model, config.model) if config.model.init_checkpoint else None
     build = BuildContext(model=model, tokenizer=tokenizer, global_batch=plan.global_batch,
-                         steps_per_epoch=plan.steps_per_epoch, distillation_alpha=config.distillation.alpha)
+                         steps_per_epoch=plan.steps_per_epoch, distillation_alpha=config.distillation.alpha,
+                         from_checkpoint=initial is not None)
     objectives = {spec.name: spec.cls(spec.options, build) for spec in specs}
     task = PretrainTask(model, objectives, specs, config.distillation, plan.steps_per_epoch, config.method)
     if initial is not None and initial.momentum and task.momentum is not None:

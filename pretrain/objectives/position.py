@@ -29,6 +29,7 @@ Tests: ``.venv/bin/python -m pytest -q tests/pretrain/objectives/test_position.p
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +43,7 @@ from pretrain.text.positions import BOX_OPEN, FIRST_UNUSED, NUM_BINS, with_posit
 
 MASKINGS = ("grouped", "all")
 NORMALISATIONS = ("vocabulary", "positions")
+EMBEDDING_INITS = ("keep", "sinusoidal")
 GROUP_SIZE = 4  # x1, y1, x2, y2
 
 
@@ -50,6 +52,17 @@ def soft_position_targets(num_bins: int, decay: float) -> torch.Tensor:
     bins = torch.arange(num_bins, dtype=torch.float64)
     weights = torch.exp(-decay * (bins[:, None] - bins[None, :]).abs())
     return (weights / weights.sum(dim=1, keepdim=True)).float()
+
+
+def sinusoidal_position_embeddings(num_bins: int, width: int, norm: float) -> torch.Tensor:
+    """``[num_bins, width]``: bin i's vector of sines and cosines of i at geometric frequencies (the transformer's
+    position encoding over the bins), each row scaled to ``norm``. Neighbouring bins get close vectors."""
+    bins = torch.arange(num_bins, dtype=torch.float64)[:, None]
+    frequencies = torch.exp(-math.log(10000.0) * torch.arange(0, width, 2, dtype=torch.float64) / width)
+    table = torch.zeros(num_bins, width, dtype=torch.float64)
+    table[:, 0::2] = torch.sin(bins * frequencies)
+    table[:, 1::2] = torch.cos(bins * frequencies[: width // 2])
+    return (table / table.norm(dim=1, keepdim=True) * norm).float()
 
 
 def _is_position(input_ids: torch.Tensor, positions: range) -> torch.Tensor:
@@ -141,11 +154,18 @@ class PositionMLMConfig:
     normalisation: str = "vocabulary"  # softmax over the vocabulary (PEVL's code) or over the position slice
     num_bins: int = NUM_BINS
     first_unused: int = FIRST_UNUSED   # @@ on [unused200]; released PEVL checkpoints need 200
+    # The bins' word embeddings (tied to the MLM decoder) when the run starts: "keep" what the backbone was built
+    # with (PEVL: BERT's [unused] rows, or model.init_checkpoint's), or "sinusoidal", not PEVL's: a table of
+    # sines over the bins in place of BERT's untrained [unused] rows, which are nearly one vector, so that a small
+    # model trained from scratch (the demo) tells the bins apart from its first step. Refused with
+    # model.init_checkpoint, whose bins it would overwrite; a resumed run loads its own weights after it.
+    init_embeddings: str = "keep"
 
     def __post_init__(self):
         require(0.0 <= self.probability <= 1.0, "probability", f"must lie in [0, 1], got {self.probability}")
         require_choice(self.masking, "masking", MASKINGS)
         require_choice(self.normalisation, "normalisation", NORMALISATIONS)
+        require_choice(self.init_embeddings, "init_embeddings", EMBEDDING_INITS)
         require(self.decay > 0, "decay", f"must be positive, got {self.decay}")
         require(self.soft_weight >= 0, "soft_weight", f"must be >= 0, got {self.soft_weight}")
         require(self.num_bins >= 2, "num_bins", f"must be at least 2, got {self.num_bins}")
@@ -167,6 +187,14 @@ class PositionMLM(Objective):
                         "box_open_id": tokenizer.token_id(BOX_OPEN)}
         # A plain tensor, not a buffer: a bf16/fp16 engine would cast a buffer and round the targets.
         self.soft_targets = soft_position_targets(config.num_bins, config.decay)
+        if config.init_embeddings == "sinusoidal":
+            require(not build.from_checkpoint, "objectives.position_mlm.init_embeddings",
+                    "sinusoidal would overwrite the bins' embeddings loaded from model.init_checkpoint; use keep")
+            embeddings = build.model.text_encoder.bert.embeddings.word_embeddings.weight
+            with torch.no_grad():  # at the mean norm of the vocabulary's rows
+                norm = embeddings.norm(dim=1).mean().item()
+                rows = slice(self.positions.start, self.positions.stop)
+                embeddings[rows] = sinusoidal_position_embeddings(config.num_bins, embeddings.shape[1], norm)
         self.distill = config.mlm and build.distillation_alpha > 0
 
     def needs(self) -> Needs:

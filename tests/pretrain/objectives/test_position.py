@@ -149,3 +149,36 @@ def test_options_are_checked():
         from_mapping(PositionMLMConfig, {"masking": "some"}, "objectives.position_mlm")
     with pytest.raises(ConfigError, match="decay"):
         from_mapping(PositionMLMConfig, {"decay": 0}, "objectives.position_mlm")
+
+
+def test_sinusoidal_init_spreads_the_bins_and_leaves_every_other_row():
+    from dataclasses import replace
+
+    from pretrain.config import resolve_path
+    from pretrain.models.albef import build_albef
+    from pretrain.objectives.base import BuildContext
+    from pretrain.objectives.position import PositionMLM, sinusoidal_position_embeddings
+    from pretrain.text.tokenizer import build_tokenizer
+    from tests.pretrain.conftest import TINY_MODEL
+
+    bert_dir = resolve_path(TINY_MODEL["bert_dir"])
+    model = build_albef(TINY_MODEL["vision"], TINY_MODEL["image_size"], bert_dir, TINY_MODEL["fusion_layer"],
+                        embed_dim=TINY_MODEL["embed_dim"], vision_overrides=TINY_MODEL["vision_overrides"],
+                        text_overrides=TINY_MODEL["text_overrides"])
+    embeddings = model.text_encoder.bert.embeddings.word_embeddings.weight
+    before = embeddings.detach().clone()
+    build = BuildContext(model=model, tokenizer=build_tokenizer(bert_dir, max_length=16), global_batch=8,
+                         steps_per_epoch=10, distillation_alpha=0.0)
+    PositionMLM(PositionMLMConfig(), build)  # PEVL's "keep"
+    assert torch.equal(embeddings, before)
+    with pytest.raises(ConfigError, match="init_checkpoint"):  # a loaded checkpoint's bins are never overwritten
+        PositionMLM(PositionMLMConfig(init_embeddings="sinusoidal"), replace(build, from_checkpoint=True))
+    assert torch.equal(embeddings, before)
+    PositionMLM(PositionMLMConfig(init_embeddings="sinusoidal"), build)
+    table = sinusoidal_position_embeddings(512, embeddings.shape[1], before.norm(dim=1).mean().item())
+    torch.testing.assert_close(embeddings[206:718].detach(), table)
+    assert torch.equal(embeddings[:206], before[:206]) and torch.equal(embeddings[718:], before[718:])
+    assert model.text_encoder.cls.predictions.decoder.weight.data_ptr() == embeddings.data_ptr()  # tied
+    neighbours = torch.nn.functional.cosine_similarity(table[:-1], table[1:])
+    far = torch.nn.functional.cosine_similarity(table[:-100], table[100:])
+    assert neighbours.min() > far.mean()
