@@ -8,16 +8,17 @@ cd "$(dirname "$0")/.."
 PY=.venv/bin/python
 OUT=${DEMO_OUT:-runs/demo-pevl}
 IMAGES=${DEMO_IMAGES:-1000}
-STEPS=${DEMO_STEPS:-200}
+STEPS=${DEMO_STEPS:-150}
 mkdir -p "$OUT"
 start=$(date +%s)
+stage() { echo "== $1 [$(( $(date +%s) - start ))s]"; }  # each stage with the seconds since the start
 # A free rendezvous port for each launch, so the demo runs beside other DeepSpeed jobs on the machine.
 port() { $PY -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])"; }
 
-echo "== 1. synthesise the world ($IMAGES images)"
+stage "1. synthesise the world ($IMAGES images)"
 $PY -m data_shards synth --out "$OUT/world" --num-images "$IMAGES" --seed 0
 
-echo "== 2. build shards: grounding captions, phrases, referring expressions, VRD, GQA, VCR"
+stage "2. build shards: grounding captions, phrases, referring expressions, VRD, GQA, VCR"
 build() {  # annotation-file format name samples-per-shard [extra build arguments]
     local input=$1 format=$2 name=$3 per_shard=$4; shift 4
     $PY -m data_shards build --input "$OUT/world/annotations/$input.json" --format "$format" \
@@ -36,7 +37,7 @@ last() { printf %06d $(( $(ls "$OUT/shards/$1"/*.tar | wc -l) - 1 )); }
 urls() { echo "$OUT/shards/$1/$1-{000000..$(last "$1")}.tar"; }
 $PY -m data_shards inspect "$(urls pevl)" --samples 1 | tail -4
 
-echo "== 3. pretrain a tiny PEVL on 2 CPU ranks (deepspeed launcher, ZeRO-0 fp32)"
+stage "3. pretrain a tiny PEVL on 2 CPU ranks (deepspeed launcher, ZeRO-0 fp32)"
 rm -rf "$OUT/pretrain"
 DS_ACCELERATOR=cpu .venv/bin/deepspeed --num_gpus 2 --master_port "$(port)" --module pretrain \
     --config pretrain/configs/pevl_demo.yaml --deepspeed_config ds_configs/zero0_fp32.json \
@@ -47,14 +48,14 @@ $PY -m pretrain.report "$OUT/pretrain" --summary "$OUT/summary.json" --plot "$OU
 
 finetune() {  # entry-point config run-name [extra arguments]
     local task=$1 config=$2 name=$3; shift 3
-    echo "-- $name"
+    echo "-- $name [$(( $(date +%s) - start ))s]"
     DS_ACCELERATOR=cpu .venv/bin/deepspeed --num_gpus 2 --master_port "$(port)" --module "finetune.$task" \
         --config "finetune/configs/$config" --checkpoint "$OUT/pretrain/checkpoints" \
         --output-dir "$OUT/finetune/$name" "$@" 2>&1 \
         | grep -E "^\[finetune|^done|[Ee]rror" | grep -v -E "[Ww]arning" || true
 }
 
-echo "== 4. position tokens of the pretrained model: each phrase's four tokens masked in the val captions"
+stage "4. position tokens of the pretrained model: each phrase's four tokens masked in the val captions"
 rm -rf "$OUT/positions" "$OUT/finetune"
 DS_ACCELERATOR=cpu .venv/bin/deepspeed --num_gpus 2 --master_port "$(port)" --module finetune.prompt_grounding \
     --config finetune/configs/prompt_grounding_synth.yaml --checkpoint "$OUT/pretrain/checkpoints" --evaluate \
@@ -62,7 +63,7 @@ DS_ACCELERATOR=cpu .venv/bin/deepspeed --num_gpus 2 --master_port "$(port)" --mo
     --set options.other_boxes=shown 2>&1 | grep -E "^\[finetune|^done|[Ee]rror" | grep -v -E "[Ww]arning" || true
 $PY -m finetune.prompt_grounding position-accuracy "$OUT/positions" --summary "$OUT/summary.json"
 
-echo "== 5. fine-tune the prompt tasks from the pretraining checkpoint (2 CPU ranks each)"
+stage "5. fine-tune the prompt tasks from the pretraining checkpoint (2 CPU ranks each)"
 finetune prompt_grounding prompt_grounding_synth.yaml rec --set "data.train=$(urls refcoco_train)" \
     --set "data.val=$(urls refcoco_val)" --set "data.test=$(urls refcoco_test)"
 finetune vrd vrd_synth.yaml vrd --set "data.train=$(urls vrd_train)" --set "data.val=$(urls vrd_val)" \
@@ -72,6 +73,6 @@ finetune gqa gqa_synth.yaml gqa --set "data.train=$(urls gqa_train)" --set "data
 finetune vcr vcr_synth.yaml vcr --set "data.train=$(urls vcr_train)" --set "data.val=$(urls vcr_val)" \
     --set "data.test=$(urls vcr_test)"
 
-echo "== 6. summary"
+stage "6. summary"
 $PY -m finetune.report "$OUT/finetune" --summary "$OUT/summary.json"
 echo "demo finished in $(( $(date +%s) - start ))s; summary: $OUT/summary.json, plot: $OUT/pretrain_losses.png"
