@@ -26,6 +26,7 @@ ve       {image (".jpg" added when it has no extension), sentence,
                                                                 sentence, label
 refcoco  {image, text, ref_id, bbox: xywh} + detections file {image: [xywh, ...]}
                                                                 ref_id, text, box, proposals (xyxy)
+vrd, gqa, vcr  PEVL's task formats: ``data_shards.pevl_formats``
 
 Every format also keeps ViCHA's visual concepts where a record has them: ``kwords: [str]`` -> ``concepts``
 (NLVR2: ``kwords1`` and ``kwords2``, one list per image -> ``concepts: [[str], [str]]``), as
@@ -44,10 +45,11 @@ import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from data_shards import pevl_formats
 from data_shards.image_refs import REFUSED_REASON, ImageReferenceRefused, ImageReferences
 
 FORMATS: tuple[str, ...] = (
-    "albef", "xvlm", "pevl", "vicha", "coco", "vqa", "nlvr2", "ve", "refcoco", "caption")
+    "albef", "xvlm", "pevl", "vicha", "coco", "vqa", "nlvr2", "ve", "refcoco", "caption", "vrd", "gqa", "vcr")
 VE_LABELS = ("entailment", "neutral", "contradiction")
 BAD_LINE_REASON = "invalid JSON line"
 
@@ -245,9 +247,15 @@ def _refcoco(record: dict, index: int, fmt: str) -> tuple[list[str], str, dict]:
     return [image], text, meta
 
 
+def _pevl_task(parse: Callable) -> Callable[[dict, int, str], tuple[list[str], str, dict]]:
+    """A ``data_shards.pevl_formats`` parser with this module's field helpers and reject reasons."""
+    return lambda record, index, fmt: parse(record, _required, _image, _malformed)
+
+
 PARSERS: dict[str, Callable[[dict, int, str], tuple[list[str], str, dict]]] = {
     "albef": _captioned, "vicha": _captioned, "coco": _captioned, "caption": _captioned, "xvlm": _xvlm,
     "pevl": _pevl, "vqa": _vqa, "nlvr2": _nlvr2, "ve": _ve, "refcoco": _refcoco,
+    "vrd": _pevl_task(pevl_formats.vrd), "gqa": _pevl_task(pevl_formats.gqa), "vcr": _pevl_task(pevl_formats.vcr),
 }
 
 

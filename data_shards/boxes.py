@@ -37,10 +37,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from data_shards.mdetr_crop import mdetr_crop_window
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 FLIP_TEXT_MODES = ("swap", "skip", "none")
+CROP_MODES = ("random_resized", "mdetr")  # mdetr: PEVL's random resize + size crop (data_shards.mdetr_crop)
 # ALBEF RandomAugment op set (colour ops excluded there, so here too).
 RANDAUGMENT_OPS = ("identity", "autocontrast", "equalize", "brightness", "sharpness",
                    "shear_x", "shear_y", "translate_x", "translate_y", "rotate")
@@ -65,6 +68,7 @@ class TransformConfig:
     randaugment_magnitude: int = 7
     region_crop: bool = False  # X-VLM: random crop keeping a chosen region box inside, then square resize
     flip_text: str = "swap"  # "swap" left<->right words; "skip" = X-VLM careful_hflip; "none"
+    crop_mode: str = "random_resized"  # or "mdetr" (PEVL); crop_scale / crop_ratio apply to random_resized
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
     # X-VLM's region batches run RandomAugment over the photometric ops only (no shear, translate or rotate),
@@ -87,6 +91,8 @@ class TransformConfig:
             problems.append(f"randaugment_ops must be >= 0, got {self.randaugment_ops}")
         if not 0 <= self.randaugment_magnitude <= RANDAUGMENT_MAX_LEVEL:
             problems.append(f"randaugment_magnitude must be in [0, 10], got {self.randaugment_magnitude}")
+        if self.crop_mode not in CROP_MODES:
+            problems.append(f"crop_mode must be one of {', '.join(CROP_MODES)}, got {self.crop_mode!r}")
         if self.flip_text not in FLIP_TEXT_MODES:
             problems.append(f"flip_text must be one of {', '.join(FLIP_TEXT_MODES)}, got {self.flip_text!r}")
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
@@ -241,6 +247,8 @@ def plan_augment(
         return AugmentPlan((0.0, 0.0, float(width), float(height)), False, size, None, ())
     if config.region_crop and keep_box is not None:
         crop = crop_window_for_box(rng, keep_box, width, height)
+    elif config.crop_mode == "mdetr":
+        crop = mdetr_crop_window(rng, width, height)
     else:
         crop = random_resized_crop(rng, width, height, config.crop_scale, config.crop_ratio)
     flip = rng.random() < config.hflip_prob

@@ -22,6 +22,7 @@ Files under DIR (annotation image paths are relative to DIR/images; pretraining 
   annotations/ve_{train,val,test}.json  [{image, sentence, label}], one per label per image
   annotations/refcoco_{train,val,test}.json  [{image, text, ref_id, bbox: [x, y, w, h] px}], one per shape
   annotations/refcoco_dets.json     {image: [[x, y, w, h], ...]}: every shape's box plus 2-3 distractors
+  annotations/phrase_grounding_*, vrd_*, gqa_*, vcr_* (PEVL's tasks: data_shards/synth_pevl.py)
 ``--corrupt K`` appends broken cases for the builder: pretrain_albef.json gets K records naming a missing
 image, K naming images/truncated_NNNNNN.jpg (half of a real JPEG) and K with an empty or blank caption;
 pretrain_xvlm_regions.json gets K records whose last elem box lies partly outside the image and K whose
@@ -44,6 +45,8 @@ from types import MappingProxyType
 import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
+
+from data_shards.synth_pevl import pevl_annotations
 
 COLOURS = MappingProxyType({"red": (220, 30, 30), "green": (30, 160, 50), "blue": (30, 70, 220),
                             "yellow": (235, 210, 20), "purple": (140, 40, 190), "orange": (245, 130, 10)})
@@ -338,6 +341,8 @@ def build_annotations(scenes: list[Scene], seed: int) -> dict[str, object]:
         boxes += [[rng.randint(0, s.width - w), rng.randint(0, s.height - h), w, h] for w, h in sides]
         rng.shuffle(boxes)
         dets[s.file_name] = boxes
+    files.update(pevl_annotations(splits, seed, relation=relation, spanned_caption=spanned_caption,
+                                  colours=tuple(COLOURS)))
     return files
 
 

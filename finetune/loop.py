@@ -202,7 +202,8 @@ def task_adapter(spec: TaskSpec, tokenizer, options, train: bool, config: Finetu
 def _train_loader(config: FinetuneConfig, spec: TaskSpec, adapter, micro_batch: int) -> StreamingLoader:
     data = config.data
     transform = TransformConfig(image_size=config.model.image_size, train=True, crop_scale=data.crop_scale,
-                                hflip_prob=0.5 if data.hflip else 0.0, randaugment_ops=2 if data.randaugment else 0,
+                                crop_mode=data.crop_mode, hflip_prob=0.5 if data.hflip else 0.0,
+                                randaugment_ops=2 if data.randaugment else 0,
                                 **(spec.transform or {}))
     return StreamingLoader([Source(data.train)], transform, batch_size=micro_batch, rank=dist.get_rank(),
                            world_size=dist.get_world_size(), num_workers=data.num_workers, mode="resampled",

@@ -8,7 +8,8 @@ accuracy). The entries are merged into the summary JSON under ``finetune``
 (other sections are kept) and printed as a table with the demo's target for each:
 
     retrieval: mean R@1 >= 5x chance    vqa, nlvr2, ve: >= chance + 25 points
-    grounding_*: >= 3x chance           captioning: CIDEr >= 1.0
+    grounding_*, rec: >= 3x chance      captioning: CIDEr >= 1.0
+    vrd, gqa, vcr (PEVL): > chance
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ def _target(name: str, split: dict, value: float, chance: float) -> tuple[str, b
     if name == "retrieval":
         mean_r1 = split.get("txt_r1_img_r1_mean", (split.get("txt_r1", 0) + split.get("img_r1", 0)) / 2)
         return "mean R@1 >= 5x chance", mean_r1 >= 5 * split.get("chance_r1", float("inf"))
-    if name.startswith("grounding"):
+    if name.startswith("grounding") or name == "rec":
         return ">= 3x chance", value >= 3 * chance
+    if name in ("vrd", "gqa", "vcr"):  # the PEVL demo's other prompt tasks: reported beside chance
+        return "> chance", value > chance
     if name == "captioning":
         return "CIDEr >= 1.0", value >= 1.0
     return ">= chance + 25", value >= chance + 25

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from pretrain.config import require_at_least, require_choice
-from pretrain.schema import DECODERS, ModelConfig, OptimConfig
+from pretrain.schema import CROP_MODES, DECODERS, ModelConfig, OptimConfig
 
 
 @dataclass(frozen=True)
@@ -26,12 +26,14 @@ class FinetuneData:
     shuffle_buffer: int = 500
     decoder: str = "pil"                          # pil | dali | auto
     crop_scale: tuple[float, float] = (0.5, 1.0)
+    crop_mode: str = "random_resized"             # or mdetr: PEVL's random resize + size crop
     randaugment: bool = True
     hflip: bool = True
     hdfs_command: str = "hdfs dfs -cat"
 
     def __post_init__(self):
         require_choice(self.decoder, "decoder", DECODERS)
+        require_choice(self.crop_mode, "crop_mode", CROP_MODES)
         require_at_least(self.train_samples, "train_samples", 1)
         require_at_least(self.num_workers, "num_workers", 0)
         require_at_least(self.shuffle_buffer, "shuffle_buffer", 0)

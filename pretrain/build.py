@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import random
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -99,15 +100,33 @@ def read_init_checkpoint(path: str) -> dict:
     return albef_state_dict(directory, tag)
 
 
-def load_init_checkpoint(model: ALBEFModel, objectives: dict, path: str) -> frozenset[str]:
+@dataclass(frozen=True)
+class InitialWeights:
+    """What ``model.init_checkpoint`` gave: the task's parameter names it did not fill (they start untrained) and
+    the momentum copies it held (keyed by the online names; empty for files without them)."""
+
+    untrained: frozenset[str]
+    momentum: dict
+
+
+def load_init_checkpoint(model: ALBEFModel, objectives: dict, path: str) -> InitialWeights:
     """Load a whole pretrained model (``model.init_checkpoint``) into the backbone and the objectives' heads
-    (``objectives.<name>.*``); momentum copies and queues are not carried over. Returns the task's parameter names
-    the file did not fill (they start untrained). A key that fits nowhere, or a shape that differs, is an error."""
+    (``objectives.<name>.*``): an exported ``.safetensors`` (ours, an imported X-VLM file), a run's checkpoints
+    directory, or a released ALBEF/PEVL ``.pth`` (PEVL's never-written id queues and the position-ids buffer are
+    left out; its momentum copies are returned for the task's momentum towers; queues are not carried over).
+    A key that fits nowhere, or a shape that differs, is an error."""
+    from pretrain.importers.pevl import UNUSED_QUEUES
     from pretrain.models.albef import from_albef_state_dict
     from pretrain.models.swin import fit_vision_state
 
-    model_state, _momentum, _queues = from_albef_state_dict(read_init_checkpoint(path),
-                                                            num_patches=model.visual_encoder.num_patches)
+    try:
+        state = read_init_checkpoint(path)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"model.init_checkpoint={path!r}: {error}") from None
+    if isinstance(state.get("model"), dict):
+        state = state["model"]
+    state = {key: value for key, value in state.items() if key not in UNUSED_QUEUES}
+    model_state, momentum, _queues = from_albef_state_dict(state, num_patches=model.visual_encoder.num_patches)
     model_state = fit_vision_state(model.visual_encoder, model_state)
     targets = {**{f"model.{name}": tensor for name, tensor in model.state_dict().items()},
                **{f"objectives.{name}.{key}": tensor for name, objective in objectives.items()
@@ -127,7 +146,7 @@ def load_init_checkpoint(model: ALBEFModel, objectives: dict, path: str) -> froz
         own = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
         if own:
             objective.load_state_dict(own, strict=False)
-    return frozenset(name for name in targets if name not in state)
+    return InitialWeights(frozenset(name for name in targets if name not in state), momentum)
 
 
 def build_task(config: PretrainConfig, specs: list[ObjectiveSpec], plan: StepPlan):
@@ -135,13 +154,21 @@ def build_task(config: PretrainConfig, specs: list[ObjectiveSpec], plan: StepPla
     model, tokenizer = build_backbone(config.model)
     reports = load_encoder_weights(model, config.model)
     build = BuildContext(model=model, tokenizer=tokenizer, global_batch=plan.global_batch,
-                         steps_per_epoch=plan.steps_per_epoch, distillation_alpha=config.distillation.alpha)
+                         steps_per_epoch=plan.steps_per_epoch, distillation_alpha=config.distillation.alpha,
+                         from_checkpoint=bool(config.model.init_checkpoint))
     objectives = {spec.name: spec.cls(spec.options, build) for spec in specs}
+    initial = None
     if config.model.init_checkpoint:
-        new = load_init_checkpoint(model, objectives, resolve_path(config.model.init_checkpoint))
+        initial = load_init_checkpoint(model, objectives, resolve_path(config.model.init_checkpoint))
+        new = initial.untrained
     else:
         heads = {f"objectives.{name}.{parameter}" for name, objective in objectives.items()
                  for parameter, _ in objective.named_parameters()}
         new = new_parameter_names(model, reports) | heads
-    return PretrainTask(model, objectives, specs, config.distillation, plan.steps_per_epoch, config.method,
-                        optim=config.optim, new_parameters=new), tokenizer
+    task = PretrainTask(model, objectives, specs, config.distillation, plan.steps_per_epoch, config.method,
+                        optim=config.optim, new_parameters=new)
+    if initial is not None and initial.momentum and task.momentum is not None:
+        task.momentum.load_state_dict({f"{name.split('.', 1)[0]}_m.{name.split('.', 1)[1]}": value
+                                       for name, value in initial.momentum.items()
+                                       if name.split(".", 1)[0] in task.momentum_towers})
+    return task, tokenizer

@@ -25,6 +25,7 @@ from pretrain.objectives import objective_class
 from pretrain.objectives.base import Objective
 from pretrain.schema import PretrainConfig
 from pretrain.text.batch import TokenizeBatch
+from pretrain.text.pevl_batch import pevl_batch
 from pretrain.xvlm_recipe import REGION_STREAM, RegionStreamOptions, xvlm_batch, xvlm_region_batch
 
 # Keys of an ``objectives.<name>`` entry that the task applies itself; every other key is the objective's.
@@ -76,6 +77,10 @@ METHODS: dict[str, Method] = {
     # ViCHA: ALBEF's three, hierarchical ITC (weight = ita_hidden_weight) and MAE; concepts via model.concepts.
     "vicha": Method(objectives={"itc": {}, "itm": {}, "mlm": {}, "hitc": {"weight": 0.1}, "mim": {}},
                     batch_adapter=vicha_batch),
+    # PEVL: boxes written into the caption as position tokens; the generalised MLM with the soft position loss.
+    # A flip swaps left/right in the caption, the region spans following (data_shards.boxes).
+    "pevl": Method(objectives={"itc": {}, "itm": {}, "position_mlm": {}}, batch_adapter=pevl_batch,
+                   transform={"flip_text": "swap"}),
 }
 
 

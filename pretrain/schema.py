@@ -17,6 +17,7 @@ from pretrain.config import require, require_at_least, require_choice
 
 DATA_MODES = ("exact", "resampled")       # data_shards.reader.MODES
 DECODERS = ("pil", "dali", "auto")       # data_shards.loader.DECODERS
+CROP_MODES = ("random_resized", "mdetr")  # data_shards.boxes.CROP_MODES
 ITM_HEADS = ("linear", "mlp")            # pretrain.models.albef.build_itm_head
 SCHEDULES = ("cosine", "linear")         # pretrain.engine.lr_schedule
 NO_DECAY_RULES = ("albef", "xvlm")       # pretrain.task.parameter_groups
@@ -61,8 +62,9 @@ class ModelConfig:
     itm_head: str = "linear"                      # linear | mlp
     # X-VLM: the last ViT blocks in which a region's copy of its image attends only to its box (Swin: unused).
     local_attn_depth: int = 4
-    # Start a pretraining run from a whole pretrained model instead of unimodal weights (X-VLM's domain pretraining):
-    # a pretrain.export / imported X-VLM .safetensors, or a run's checkpoints directory.
+    # Pretraining only: start from a whole pretrained model instead of unimodal weights (X-VLM's domain
+    # pretraining, PEVL from ALBEF): a pretrain.export / imported X-VLM .safetensors, a run's checkpoints directory,
+    # or a released ALBEF/PEVL .pth; loaded over vision_weights / the BERT weights, its momentum copies too.
     init_checkpoint: str | None = None
     concepts: ConceptConfig = field(default_factory=ConceptConfig)  # ViCHA's visual concepts (layers: 0 = none)
 
@@ -124,6 +126,7 @@ class DataConfig:
     shuffle_buffer: int = 1000
     decoder: str = "auto"                         # pil | dali | auto
     crop_scale: tuple[float, float] = (0.2, 1.0)
+    crop_mode: str = "random_resized"             # or mdetr: PEVL's random resize + size crop
     randaugment: bool = True
     hflip: bool = True
     hdfs_command: str = "hdfs dfs -cat"
@@ -133,6 +136,7 @@ class DataConfig:
     def __post_init__(self):
         require_choice(self.mode, "mode", DATA_MODES)
         require_choice(self.decoder, "decoder", DECODERS)
+        require_choice(self.crop_mode, "crop_mode", CROP_MODES)
         require_at_least(self.samples_per_epoch, "samples_per_epoch", 1)
         require_at_least(self.num_workers, "num_workers", 0)
         require_at_least(self.shuffle_buffer, "shuffle_buffer", 0)

@@ -27,7 +27,8 @@ def make_loader(sources: list[SourceConfig], data: DataConfig, image_size: int, 
                 world_size: int, device: str, seed: int, postprocess, transform: dict) -> StreamingLoader:
     """A training loader over ``sources`` with the data section's augmentation and reading settings."""
     config = TransformConfig(image_size=image_size, train=True, crop_scale=data.crop_scale,
-                             hflip_prob=0.5 if data.hflip else 0.0, randaugment_ops=2 if data.randaugment else 0,
+                             crop_mode=data.crop_mode, hflip_prob=0.5 if data.hflip else 0.0,
+                             randaugment_ops=2 if data.randaugment else 0,
                              **transform)
     return StreamingLoader([Source(source.urls, source.weight) for source in sources], config,
                            batch_size=micro_batch, rank=rank, world_size=world_size, num_workers=data.num_workers,

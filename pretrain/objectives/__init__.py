@@ -16,6 +16,7 @@ from pretrain.objectives.itc import ITC
 from pretrain.objectives.itm import ITM
 from pretrain.objectives.mim import MaskedImageModelling
 from pretrain.objectives.mlm import MLM
+from pretrain.objectives.position import PositionMLM
 from pretrain.objectives.region import RegionITC, RegionITM, RegionMLM
 from pretrain.objectives.region_box import Box
 from pretrain.objectives.span_mlm import SpanMLM
@@ -25,7 +26,9 @@ OBJECTIVES: dict[str, type[Objective]] = {"itc": ITC, "itm": ITM, "mlm": MLM,
                                           "span_mlm": SpanMLM, "region_itc": RegionITC, "region_itm": RegionITM,
                                           "region_mlm": RegionMLM, "box": Box,
                                           # ViCHA
-                                          "hitc": HierarchicalITC, "mim": MaskedImageModelling}
+                                          "hitc": HierarchicalITC, "mim": MaskedImageModelling,
+                                          # PEVL: position tokens masked by groups, the order-aware soft loss
+                                          "position_mlm": PositionMLM}
 
 
 def objective_class(name: str, class_path: str | None) -> type[Objective]:

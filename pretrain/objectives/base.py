@@ -60,6 +60,7 @@ class BuildContext:
     global_batch: int                    # micro-batch x world size (queues fill by whole global batches)
     steps_per_epoch: int                 # optimizer steps
     distillation_alpha: float            # 0: no momentum targets, so no EMA copies are needed for them
+    from_checkpoint: bool = False        # the backbone's weights came from model.init_checkpoint
 
 
 @dataclass

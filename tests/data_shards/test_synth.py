@@ -47,7 +47,7 @@ def test_same_seed_gives_identical_bytes_and_another_seed_differs(tmp_path, worl
     synth.main(["--out", str(tmp_path / "other"), "--num-images", str(NUM_IMAGES), "--seed", "8"])
     first, again = tree_digest(world), tree_digest(str(tmp_path / "again"))
     other = tree_digest(str(tmp_path / "other"))
-    assert len(first) == NUM_IMAGES + 24
+    assert len(first) == NUM_IMAGES + 24 + 14  # 14: PEVL's task files (data_shards/synth_pevl.py)
     assert first == again
     assert set(first) == set(other)
     assert all(first[name] != other[name] for name in first if name.endswith(".jpg"))

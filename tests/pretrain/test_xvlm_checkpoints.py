@@ -240,7 +240,7 @@ def test_a_pretraining_run_can_start_from_an_imported_file(tmp_path):
     model, tokenizer = build_backbone(model_config("deit"))
     context = BuildContext(model=model, tokenizer=tokenizer, global_batch=2, steps_per_epoch=1, distillation_alpha=0)
     objectives = {"box": Box(BoxConfig(), context), "region_itc": RegionITC(RegionITC.Config(), context)}
-    untrained = load_init_checkpoint(model, objectives, str(tmp_path / "xvlm.safetensors"))
+    untrained = load_init_checkpoint(model, objectives, str(tmp_path / "xvlm.safetensors")).untrained
     assert torch.equal(objectives["box"].head.layers[0].weight, released["bbox_head.0.weight"])
     assert torch.equal(model.itm_head[3].weight, released["itm_head.3.weight"])
     qkv = released["vision_encoder.blocks.1.attn.qkv.weight"]
