@@ -57,7 +57,7 @@ def release_shared_memory() -> None:
             os.unlink(path)
 
 
-def compile_blocks(*roots: torch.nn.Module) -> int:
+def compile_blocks(*roots: torch.nn.Module, backend: str = "inductor") -> int:
     """``torch.compile`` every transformer block (timm ``Block``, Hugging Face ``BertLayer`` and its fusion
     subclass) under ``roots``, in place; returns how many.
 
@@ -71,6 +71,6 @@ def compile_blocks(*roots: torch.nn.Module) -> int:
     for root in roots:
         for module in root.modules():
             if isinstance(module, (Block, BertLayer)):
-                module.compile()
+                module.compile(backend=backend)
                 compiled += 1
     return compiled

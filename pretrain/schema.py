@@ -34,6 +34,7 @@ class ModelConfig:
     max_text_length: int = 25
     trailing_sep: bool = False                    # released ALBEF checkpoints expect no trailing [SEP]
     grad_checkpointing: bool = False
+    compile: bool = False                         # torch.compile each transformer block (pretraining; GPU)
 
     def __post_init__(self):
         require_at_least(self.image_size, "image_size", 1)
