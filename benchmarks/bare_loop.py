@@ -203,7 +203,14 @@ def main() -> int:
           f"{'MFU':>6} {'peak GiB':>8}", flush=True)
     for compiled in args.compile:
         for micro_batch in args.micro_batches:
-            for row in measure(config, specs, args, device, micro_batch, compiled == "on"):
+            try:
+                measured = measure(config, specs, args, device, micro_batch, compiled == "on")
+            except torch.OutOfMemoryError:  # a micro-batch too large for this device: the others still run
+                print(f"{'-':>6} {compiled:>7} {micro_batch:>5} out of memory", flush=True)
+                gc.collect()
+                torch.cuda.empty_cache()
+                continue
+            for row in measured:
                 rows.append(row)
                 mfu = f"{100 * row['mfu']:.1f}%" if row["mfu"] is not None else "-"
                 memory = f"{row['peak_memory_gib']:.1f}" if row["peak_memory_gib"] is not None else "-"
