@@ -96,13 +96,14 @@ def timed(step, batches, device) -> list[float]:
     return times
 
 
-def build(config, specs, plan, device, compiled: bool):
+def build(config, specs, plan, device, compiled: bool, backend: str = "inductor"):
     seed_everything(0)
     task, tokenizer = build_task(config, specs, plan)
     task.to(device)
     task.place(device)
     if compiled:
-        compile_blocks(task.model, *(task.momentum.modules.values() if task.momentum is not None else ()))
+        compile_blocks(task.model, *(task.momentum.modules.values() if task.momentum is not None else ()),
+                       backend=backend)
     return task, tokenizer
 
 
@@ -113,7 +114,7 @@ def measure(config, specs, args, device, micro_batch: int, compiled: bool) -> li
     bf16 = device.type == "cuda"
     fused = device.type == "cuda"
     plan = plan_steps({"train_micro_batch_size_per_gpu": micro_batch}, 1000 * micro_batch, 1, config.optim, None)
-    bare_task, tokenizer = build(config, specs, plan, device, compiled)
+    bare_task, tokenizer = build(config, specs, plan, device, compiled, args.compile_backend)
     adapter = method_of(config).batch_adapter(tokenizer, config)
     batches = synthetic_batches(args.steps, micro_batch, config.model.image_size, adapter, device)
     optimizer = torch.optim.AdamW(bare_task.parameter_groups(config.optim.weight_decay), lr=config.optim.lr,
@@ -131,7 +132,7 @@ def measure(config, specs, args, device, micro_batch: int, compiled: bool) -> li
 
     steps = {"bare": bare_step}
     for stage in args.zero:
-        task, _ = build(config, specs, plan, device, compiled)
+        task, _ = build(config, specs, plan, device, compiled, args.compile_backend)
         engine, _, _, _ = deepspeed.initialize(model=task, config=ds_config(micro_batch, stage, bf16, fused,
                                                                             config.optim),
                                                model_parameters=task.parameter_groups(config.optim.weight_decay))
@@ -184,6 +185,8 @@ def main() -> int:
     parser.add_argument("--micro-batches", type=int, nargs="+", default=[16])
     parser.add_argument("--zero", type=int, nargs="+", default=[0], choices=[0, 1, 2], help="ZeRO stages to run")
     parser.add_argument("--compile", nargs="+", default=["off"], choices=["off", "on"])
+    parser.add_argument("--compile-backend", default="inductor",
+                        help="aot_eager traces without code generation (a CPU rehearsal of the compiled path)")
     parser.add_argument("--steps", type=int, default=6, help="batches per round")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per loop first")
