@@ -2,7 +2,8 @@
 
 ``to_device`` moves a batch (nested dicts of tensors and lists) to the engine's device; ``cpu_thread_notes``
 gives ranks sharing one CPU machine an equal share of its cores; ``is_first_rank`` says which process
-prints; ``release_shared_memory`` removes the all-reduce buffer DeepSpeed's CPU backend leaves in /dev/shm.
+prints; ``release_shared_memory`` removes the all-reduce buffer DeepSpeed's CPU backend leaves in /dev/shm;
+``compile_blocks`` compiles the transformer blocks of the towers (``model.compile: true``).
 """
 
 from __future__ import annotations
@@ -54,3 +55,22 @@ def release_shared_memory() -> None:
     for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{address}_{port}_{rank}"):
         with contextlib.suppress(OSError):
             os.unlink(path)
+
+
+def compile_blocks(*roots: torch.nn.Module, backend: str = "inductor") -> int:
+    """``torch.compile`` every transformer block (timm ``Block``, Hugging Face ``BertLayer`` and its fusion
+    subclass) under ``roots``, in place; returns how many.
+
+    Per block rather than whole towers: the blocks are where the FLOPs are, each compiles once and is
+    reused by every layer of its shape, and the code between them (masks, the momentum side, queues,
+    losses) stays eager, so names, state dicts and checkpoints do not change (``nn.Module.compile``)."""
+    from timm.models.vision_transformer import Block
+    from transformers.models.bert.modeling_bert import BertLayer
+
+    compiled = 0
+    for root in roots:
+        for module in root.modules():
+            if isinstance(module, (Block, BertLayer)):
+                module.compile(backend=backend)
+                compiled += 1
+    return compiled

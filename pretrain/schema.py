@@ -67,6 +67,7 @@ class ModelConfig:
     # or a released ALBEF/PEVL .pth; loaded over vision_weights / the BERT weights, its momentum copies too.
     init_checkpoint: str | None = None
     concepts: ConceptConfig = field(default_factory=ConceptConfig)  # ViCHA's visual concepts (layers: 0 = none)
+    compile: bool = False                         # torch.compile each transformer block (pretraining; GPU)
 
     def __post_init__(self):
         require_at_least(self.image_size, "image_size", 1)

@@ -138,10 +138,13 @@ class PretrainTask(nn.Module):
                 self.momentum.update({name: getattr(self.model, name) for name in self.momentum_towers})
                 self._momentum_updated_at = step
             # fp32 copies run at the engine's precision: an fp32 ViT-B forward would cost more than the whole
-            # bf16 online step on a GPU.
+            # bf16 online step on a GPU. Under an outer autocast (fp32 weights trained in bf16) it keeps that one.
             dtype = next(self.model.parameters()).dtype
             images = batch["image"]
-            with torch.autocast(images.device.type, dtype=dtype, enabled=dtype != torch.float32):
+            enabled = dtype != torch.float32 or torch.is_autocast_enabled(images.device.type)
+            if torch.is_autocast_enabled(images.device.type):
+                dtype = torch.get_autocast_dtype(images.device.type)
+            with torch.autocast(images.device.type, dtype=dtype, enabled=enabled):
                 return encode(self.momentum.towers(), images.float(), batch["input_ids"], batch["attention_mask"],
                               self.wants, concept_inputs(batch))
 

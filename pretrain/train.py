@@ -36,7 +36,7 @@ from pretrain.lockstep import DataFailure, control_group
 from pretrain.methods import ObjectiveSpec, method_of, resolve_objectives
 from pretrain.metrics_log import MetricsLog, StepTimer
 from pretrain.retrieval_eval import zero_shot_retrieval
-from pretrain.runtime import cpu_thread_notes, is_first_rank, release_shared_memory, to_device
+from pretrain.runtime import compile_blocks, cpu_thread_notes, is_first_rank, release_shared_memory, to_device
 from pretrain.safe_loading import UnsafeCheckpointError
 from pretrain.schema import PretrainConfig
 from pretrain.streams import TrainingBatches, make_loader
@@ -103,6 +103,8 @@ def train(args: argparse.Namespace) -> dict:
     # momentum copies or the queues' random start, which must match across ranks too.
     seed_everything(config.run.seed)
     task, tokenizer = build_task(config, specs, plan)
+    if config.model.compile:
+        compile_blocks(task.model, *(task.momentum.modules.values() if task.momentum is not None else ()))
     seed_everything(config.run.seed + rank)  # then per rank: dropout, masking, negatives differ
     trusted = args.trust_checkpoint
     engine_tag = checkpoint.prepare_world_size_change(*resume, world, ds_config, trusted) if resume else None

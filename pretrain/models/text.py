@@ -20,6 +20,7 @@ Attention runs through PyTorch SDPA. The tokenizer lives in ``pretrain.text.toke
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import os
 from collections.abc import Iterable
@@ -33,6 +34,10 @@ from transformers.models.bert.modeling_bert import BertAttention, BertLayer, Ber
 from transformers.pytorch_utils import apply_chunking_to_forward
 
 from pretrain.models import LoadReport, read_state_dict
+
+# ``allow_is_bidirectional_skip`` is there from transformers 5; older versions build the mask the same way.
+_NO_MASK_SKIP = ({"allow_is_bidirectional_skip": False}
+                 if "allow_is_bidirectional_skip" in inspect.signature(create_bidirectional_mask).parameters else {})
 
 # Weight files looked for in a BERT directory, in order of preference.
 WEIGHT_FILE_NAMES = ("model.safetensors", "pytorch_model.bin")
@@ -158,9 +163,11 @@ class FusionBert(nn.Module):
 
     def _self_attention_mask(self, hidden: torch.Tensor, attention_mask: torch.Tensor):
         """Bidirectional; a decoder subclass returns a causal mask here and inherits everything else."""
-        # HF builds the mask in the form the attention implementation wants (None when nothing is padded,
-        # which lets SDPA pick its fused kernels).
-        return create_bidirectional_mask(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask)
+        # HF builds the mask in the form the attention implementation wants. Its shortcut to None when nothing
+        # is padded reads the mask on the host (a device sync every layer stack) and only pays off for batches
+        # without padding, which captions padded to the longest one almost never are; so the mask is always built.
+        return create_bidirectional_mask(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask,
+                                         **_NO_MASK_SKIP)
 
     def _run_layers(
         self, layers, hidden, attention_mask, image_embeds=None, image_mask=None, layer_outputs: list | None = None

@@ -68,21 +68,19 @@ def mask_tokens(
     if vocab_size <= 0:
         raise ValueError(f"vocab_size must be positive, got {vocab_size}")
     device = input_ids.device
-    labels = input_ids.clone()
-    masked_ids = input_ids.clone()
-
+    # masked_fill / where rather than boolean-mask assignment, and no id list copied to the device: the
+    # same values without a host sync.
     chosen = _bernoulli(input_ids.shape, probability, device, generator)
-    protected = torch.tensor([pad_token_id, cls_token_id, *never_mask_ids], device=device)
-    chosen &= ~torch.isin(input_ids, protected)
-    labels[~chosen] = IGNORE_INDEX
+    for protected_id in (pad_token_id, cls_token_id, *never_mask_ids):
+        chosen &= input_ids != protected_id
+    labels = input_ids.masked_fill(~chosen, IGNORE_INDEX)
 
     to_mask_token = _bernoulli(input_ids.shape, 0.8, device, generator) & chosen
-    masked_ids[to_mask_token] = mask_token_id
+    masked_ids = input_ids.masked_fill(to_mask_token, mask_token_id)
 
     to_random = _bernoulli(input_ids.shape, 0.5, device, generator) & chosen & ~to_mask_token
     random_ids = torch.randint(vocab_size, input_ids.shape, device=device, dtype=input_ids.dtype, generator=generator)
-    masked_ids[to_random] = random_ids[to_random]
-    return masked_ids, labels
+    return torch.where(to_random, random_ids, masked_ids), labels
 
 
 def mlm_loss(
@@ -101,18 +99,22 @@ def mlm_loss(
         raise ValueError(f"logits {list(logits.shape)} must be labels {list(labels.shape)} plus a vocabulary axis")
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
-    scored = labels != IGNORE_INDEX
-    if not bool(scored.any()):
+    # The step's one host sync: finding the M scored positions (their count sizes everything below). Loss
+    # over all positions with ignore_index would avoid it but sums in another order, which changes ALBEF's
+    # numbers in the last bits; one nonzero per step instead of a sync per gather.
+    rows = (labels != IGNORE_INDEX).reshape(-1).nonzero().squeeze(1)
+    if rows.numel() == 0:
         return logits.sum() * 0.0
 
-    scored_logits = logits[scored].float()  # [M, V]
+    vocabulary = logits.shape[-1]
+    scored_logits = logits.reshape(-1, vocabulary).index_select(0, rows).float()  # [M, V]
     log_probabilities = F.log_softmax(scored_logits, dim=-1)
-    cross_entropy = F.nll_loss(log_probabilities, labels[scored])
+    cross_entropy = F.nll_loss(log_probabilities, labels.reshape(-1).index_select(0, rows))
     if logits_m is None or alpha == 0.0:
         return cross_entropy
     if logits_m.shape != logits.shape:
         raise ValueError(f"logits_m {list(logits_m.shape)} must match logits {list(logits.shape)}")
-    soft_targets = F.softmax(logits_m.detach()[scored].float(), dim=-1)
+    soft_targets = F.softmax(logits_m.detach().reshape(-1, vocabulary).index_select(0, rows).float(), dim=-1)
     distill = -(log_probabilities * soft_targets).sum(dim=-1).mean()
     return (1.0 - alpha) * cross_entropy + alpha * distill
 

@@ -195,10 +195,12 @@ class MomentumCopy:
         """``p_m = momentum * p_m + (1 - momentum) * p`` for every parameter (buffers untouched, as in ALBEF)."""
         for chunk in _chunks(self._pairs(online)):
             online_values = _whole_values([online_parameter for _, online_parameter in chunk])
-            for (momentum_parameter, _), online_value in zip(chunk, online_values, strict=True):
-                momentum_parameter.mul_(self.momentum).add_(
-                    online_value.to(momentum_parameter.device, torch.float32), alpha=1.0 - self.momentum
-                )
+            momentum_parameters = [momentum_parameter for momentum_parameter, _ in chunk]
+            online_values = [value.to(momentum.device, torch.float32)
+                             for momentum, value in zip(momentum_parameters, online_values, strict=True)]
+            # Two multi-tensor kernels per chunk instead of two per parameter: the same mul_ then add_ per element.
+            torch._foreach_mul_(momentum_parameters, self.momentum)
+            torch._foreach_add_(momentum_parameters, online_values, alpha=1.0 - self.momentum)
 
     @torch.no_grad()
     def copy_from(self, online: dict[str, nn.Module]) -> None:
@@ -284,12 +286,14 @@ class FeatureQueue:
                 f"(world size {world_size} x micro batch {micro_batch}); change queue_size or the batch size"
             )
         gathered = concat_all_gather(features)
-        start = int(self.ptr.item())
-        self.features[:, start : start + global_batch] = gathered.T.to(self.features.device, self.features.dtype)
+        # The write position stays on the device: reading ``ptr`` back would make every step wait for the GPU.
+        # The columns are those of ALBEF's slice ``[ptr, ptr + global_batch)`` (size is a multiple of it).
+        columns = self.ptr.to(self.features.device) + torch.arange(global_batch, device=self.features.device)
+        self.features.index_copy_(1, columns, gathered.T.to(self.features.device, self.features.dtype))
         if self.ids is not None:
             gathered_ids = concat_all_gather(ids.reshape(-1).to(features.device))
-            self.ids[0, start : start + global_batch] = gathered_ids.to(self.ids.device)
-        self.ptr[0] = (start + global_batch) % self.size
+            self.ids.index_copy_(1, columns.to(self.ids.device), gathered_ids.to(self.ids.device).reshape(1, -1))
+        self.ptr.add_(global_batch).remainder_(self.size)
 
     def to(self, device: torch.device | str) -> FeatureQueue:
         self.features = self.features.to(device)

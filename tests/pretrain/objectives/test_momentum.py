@@ -41,6 +41,24 @@ def test_update_is_the_ema_formula_parameter_by_parameter():
             torch.testing.assert_close(updated, 0.9 * old + 0.1 * new.detach())
 
 
+@pytest.mark.parametrize("online_dtype", [torch.float32, torch.bfloat16])
+def test_update_is_bit_for_bit_the_per_parameter_mul_add(online_dtype):
+    """The multi-tensor update gives exactly ALBEF's ``p_m.mul_(m).add_(p, alpha=1 - m)`` per parameter,
+    also from bf16 online weights (a bf16 engine's) into the fp32 copies."""
+    online = _online()
+    momentum = MomentumCopy(online, momentum=0.995)
+    _perturb(online, seed=3)
+    for module in online.values():
+        module.to(online_dtype)
+    expected = {name: [p.clone().mul_(0.995).add_(o.detach().float(), alpha=1.0 - 0.995)
+                       for p, o in zip(momentum[name].parameters(), online[name].parameters(), strict=True)]
+                for name in online}
+    momentum.update(online)
+    for name in online:
+        for want, got in zip(expected[name], momentum[name].parameters(), strict=True):
+            assert torch.equal(want, got)
+
+
 def test_update_exact_on_a_scalar():
     online = {"scalar": nn.Linear(1, 1, bias=False)}
     with torch.no_grad():
