@@ -18,7 +18,8 @@ bins at each slot, bins -> pixels of the image the model sees (``dequantise_box`
 Metrics: ``accuracy`` = Acc@IoU>=0.5 (IoU does not change when both boxes are rescaled, so it is measured in the
 model's pixels); ``exact`` and ``within_8`` = the share of slots whose bin is right, or at most 8 bins off;
 ``chance`` = the accuracy of always predicting the split's mean box, and ``chance_random_proposal`` that of a
-random detector proposal when the shards carry proposals (``finetune.report`` takes the higher).
+random detector proposal when the shards carry proposals (``finetune.report`` takes the higher);
+``chance_exact`` and ``chance_within_8`` = the bin metrics of predicting each slot's mean bin over the split.
 """
 
 from __future__ import annotations
@@ -179,6 +180,16 @@ def mean_box_accuracy(boxes: torch.Tensor, sizes: torch.Tensor) -> float:
     return accuracy_at_iou(cxcywh_to_xyxy(mean).expand_as(boxes) * scale, boxes)
 
 
+def mean_bin_accuracy(true_bins: torch.Tensor, within: int) -> dict:
+    """``exact`` and ``within_<within>`` of predicting every slot as the split's mean bin of that coordinate
+    (x1, y1, x2, y2), rounded: the bins' counterpart of the mean-box ``chance``."""
+    if true_bins.numel() == 0:
+        return {"chance_exact": 0.0, f"chance_within_{within}": 0.0}
+    mean = true_bins.double().mean(dim=0).round().long()
+    return {"chance_exact": 100.0 * (true_bins == mean).double().mean().item(),
+            f"chance_within_{within}": 100.0 * ((true_bins - mean).abs() <= within).double().mean().item()}
+
+
 def evaluate(context) -> dict:
     prompts = [prompt for record in context.predictions() for prompt in record["prompts"]]
     predicted = torch.tensor([prompt["predicted"] for prompt in prompts])
@@ -189,6 +200,7 @@ def evaluate(context) -> dict:
                f"within_{context.options.within_bins}":
                    100.0 * ((bins - true_bins).abs() <= context.options.within_bins).double().mean().item(),
                "chance": mean_box_accuracy(boxes, torch.tensor([p["image_size"] for p in prompts], dtype=torch.float))}
+    metrics.update(mean_bin_accuracy(true_bins, context.options.within_bins))
     if prompts and all(prompt["proposals"] for prompt in prompts):
         hits = [accuracy_at_iou(torch.tensor(p["proposals"]), torch.tensor(p["box"]).expand(len(p["proposals"]), 4))
                 for p in prompts]
@@ -221,10 +233,15 @@ def position_accuracy(argv: list[str]) -> int:
         with open(args.summary) as handle:
             section = json.load(handle).get("pretrain", {})
     section["position_accuracy"] = {"exact": split["exact"], "within_8": split["within_8"],
-                                    "accuracy_at_0.5": split["accuracy"], "prompts": split["samples"]}
+                                    "accuracy_at_0.5": split["accuracy"], "prompts": split["samples"],
+                                    "chance_exact": split.get("chance_exact"),
+                                    "chance_within_8": split.get("chance_within_8")}
     merge_into_summary(args.summary, "pretrain", section)
     print(f"position tokens of the pretrained model: exact bin {split['exact']:.1f}%, within 8 bins "
           f"{split['within_8']:.1f}%, Acc@0.5 {split['accuracy']:.1f}% ({split['samples']} boxes)")
+    if split.get("chance_within_8") is not None:
+        print(f"  each slot's mean bin instead: exact {split['chance_exact']:.1f}%, within 8 bins "
+              f"{split['chance_within_8']:.1f}%")
     return 0
 
 

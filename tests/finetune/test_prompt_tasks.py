@@ -119,6 +119,43 @@ def test_grounding_metrics_against_hand_counts():
     assert metrics["chance"] == 0.0
 
 
+
+@pytest.mark.parametrize("shift, exact, within", [(0, 100.0, 100.0), (5, 0.0, 100.0), (9, 0.0, 0.0)])
+def test_predicted_bins_are_read_on_the_position_slice_of_the_vocabulary(tokenizer, monkeypatch, shift, exact, within):
+    # Logits rigged to peak on the vocabulary id of each slot's true bin plus `shift`, with a higher word logit
+    # outside the position slice: the prediction is the bin, never the vocabulary-wide argmax.
+    pevl = with_position_tokens(tokenizer)
+    first = pevl.token_id("[pos_0]")
+    assert first == 206 and pevl.token_id("[pos_511]") == first + 511
+    adapter = prompt_grounding.PromptGroundingBatch(tokenizer, prompt_grounding.Options(), train=False)
+    batch = adapter(image_batch([{"box": [8.0, 16.0, 40.0, 48.0]}, {"box": [0.0, 2.0, 60.0, 30.0]}],
+                                ["the red circle", "a blue square"]))
+
+    def rigged(model, images, input_ids, attention_mask, slots):
+        logits = torch.zeros(*slots.shape, pevl.vocab_size)
+        logits.scatter_(-1, (batch["bins"] + shift)[..., None] + first, 50.0)
+        logits[..., 1000] = 100.0
+        return logits
+
+    monkeypatch.setattr(prompt_grounding, "slot_logits", rigged)
+    model = SimpleNamespace(itm_head=torch.nn.Linear(1, 1), vision_proj=torch.nn.Linear(1, 1),
+                            text_proj=torch.nn.Linear(1, 1), temp=torch.nn.Parameter(torch.ones(())))
+    task = prompt_grounding.PromptGroundingTask(model, tokenizer, prompt_grounding.Options())
+    records = task.predict(batch)
+    bins = [prompt["bins"] for record in records for prompt in record["prompts"]]
+    assert bins == (batch["bins"] + shift).tolist()
+    metrics = prompt_grounding.evaluate(SimpleNamespace(predictions=lambda: records,
+                                                        options=prompt_grounding.Options()))
+    assert (metrics["exact"], metrics["within_8"]) == (exact, within)
+
+
+def test_the_mean_bin_baseline_against_hand_counts():
+    true_bins = torch.tensor([[10, 100, 36, 400], [20, 120, 44, 300]])   # per-slot means 15, 110, 40, 350
+    metrics = prompt_grounding.mean_bin_accuracy(true_bins, within=8)
+    assert metrics == {"chance_exact": 0.0, "chance_within_8": 50.0}      # x1 and x2 within 8 of their mean
+    same = prompt_grounding.mean_bin_accuracy(torch.tensor([[7, 7, 7, 7], [7, 7, 7, 7]]), within=8)
+    assert same == {"chance_exact": 100.0, "chance_within_8": 100.0}
+
 # -- VRD ------------------------------------------------------------------------------------------------------------
 
 def test_vrd_predicates_pad_with_unrel_and_normalise_by_words(world, tokenizer):
