@@ -114,7 +114,7 @@ def load_init_checkpoint(model: ALBEFModel, objectives: dict, path: str) -> Init
     (``objectives.<name>.*``): an exported ``.safetensors`` (ours, an imported X-VLM file), a run's checkpoints
     directory, or a released ALBEF/PEVL ``.pth`` (PEVL's never-written id queues and the position-ids buffer are
     left out; its momentum copies are returned for the task's momentum towers; queues are not carried over).
-    A key that fits nowhere, or a shape that differs, is an error."""
+    A key that fits nowhere, a shape that differs, or a backbone key the file lacks is an error."""
     from pretrain.importers.pevl import UNUSED_QUEUES
     from pretrain.models.albef import from_albef_state_dict
     from pretrain.models.swin import fit_vision_state
@@ -134,11 +134,14 @@ def load_init_checkpoint(model: ALBEFModel, objectives: dict, path: str) -> Init
     state = {(name if name.startswith("objectives.") else f"model.{name}"): value
              for name, value in model_state.items()}
     unplaced = sorted(name for name in state if name not in targets and not name.startswith("objectives."))
+    # The backbone comes whole from the file; only objective heads it lacks may start untrained.
+    missing = sorted(name for name in targets if name.startswith("model.") and name not in state)
     mis_shaped = sorted(f"{name} {list(state[name].shape)} vs {list(targets[name].shape)}" for name in state
                         if name in targets and state[name].shape != targets[name].shape)
-    if unplaced or mis_shaped:
+    if unplaced or mis_shaped or missing:
         raise ConfigError(f"model.init_checkpoint={path!r} does not fit the configured model:\n  unexpected: "
-                          f"{unplaced[:12]}\n  shape mismatch: {mis_shaped[:12]}")
+                          f"{unplaced[:12]}\n  shape mismatch: {mis_shaped[:12]}"
+                          + (f"\n  missing: {missing[:12]}" if missing else ""))
     model.load_state_dict({name[len("model."):]: value for name, value in state.items() if name.startswith("model.")},
                           strict=False)
     for name, objective in objectives.items():

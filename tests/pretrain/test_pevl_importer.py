@@ -127,3 +127,11 @@ def test_fine_tuning_and_pretraining_start_from_a_released_file(released, tmp_pa
     torch.save({"model": broken}, tmp_path / "broken.pth")
     with pytest.raises(ConfigError, match="text_encoder.bert.extra.weight"):
         load_init_checkpoint(tiny_model(), {}, str(tmp_path / "broken.pth"))
+
+
+def test_a_start_file_that_lacks_backbone_keys_is_refused(released, tmp_path):
+    path, state = released["files"]["pevl_pretrain.pth"]
+    short = {key: value for key, value in state.items() if key != "itm_head.weight"}
+    torch.save({"model": short}, tmp_path / "short.pth")
+    with pytest.raises(ConfigError, match=r"missing: \['model.itm_head.weight'\]"):
+        load_init_checkpoint(tiny_model(), {}, str(tmp_path / "short.pth"))
