@@ -28,11 +28,14 @@ build() {  # annotation-file format name samples-per-shard
 last() { printf %06d $(( $(ls "$OUT/shards/$1"/*.tar | wc -l) - 1 )); }
 urls() { echo "$OUT/shards/$1/$1-{000000..$(last "$1")}.tar"; }
 
-echo "== 2. ALBEF baseline: shards, then $STEPS steps on 2 CPU ranks (pretrain/configs/demo.yaml)"
+echo "== 2. ALBEF baseline: shards, then $STEPS steps on 2 CPU ranks (demo_vicha.yaml without ViCHA's additions)"
 build "$ANN/pretrain_albef.json" albef pretrain_albef 100
 build "$ANN/retrieval_val.json" coco retrieval_val_plain 1000
 rm -rf "$OUT/albef"
-DS_ACCELERATOR=cpu ".venv/bin/deepspeed" --num_gpus 2 --master_port "$(port)" --module pretrain --config pretrain/configs/demo.yaml \
+# The baseline is ViCHA's demo config without ViCHA's three additions: the same model, schedule, seed and samples.
+DS_ACCELERATOR=cpu ".venv/bin/deepspeed" --num_gpus 2 --master_port "$(port)" --module pretrain \
+    --config pretrain/configs/demo_vicha.yaml --set method=albef --set model.concepts.layers=0 \
+    --set "objectives={itc: {momentum_distillation: false}, itm: {}, mlm: {}}" \
     --deepspeed_config ds_configs/zero0_fp32.json --output-dir "$OUT/albef" --resume none --max-steps "$STEPS" \
     --set "data.train=[{urls: '$(urls pretrain_albef)'}]" \
     --set "eval.retrieval_urls=$OUT/shards/retrieval_val_plain/retrieval_val_plain-000000.tar" 2>&1 | quiet
