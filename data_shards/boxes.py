@@ -43,7 +43,8 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 FLIP_TEXT_MODES = ("swap", "skip", "none")
-CROP_MODES = ("random_resized", "mdetr")  # mdetr: PEVL's random resize + size crop (data_shards.mdetr_crop)
+CROP_MODES = ("random_resized", "mdetr", "none")  # mdetr: PEVL's random resize + size crop (data_shards.mdetr_crop);
+# none: the whole image, resized (every box stays in view; flips and RandAugment still apply)
 # ALBEF RandomAugment op set (colour ops excluded there, so here too).
 RANDAUGMENT_OPS = ("identity", "autocontrast", "equalize", "brightness", "sharpness",
                    "shear_x", "shear_y", "translate_x", "translate_y", "rotate")
@@ -68,7 +69,7 @@ class TransformConfig:
     randaugment_magnitude: int = 7
     region_crop: bool = False  # X-VLM: random crop keeping a chosen region box inside, then square resize
     flip_text: str = "swap"  # "swap" left<->right words; "skip" = X-VLM careful_hflip; "none"
-    crop_mode: str = "random_resized"  # or "mdetr" (PEVL); crop_scale / crop_ratio apply to random_resized
+    crop_mode: str = "random_resized"  # or "mdetr" (PEVL), "none"; crop_scale / crop_ratio: random_resized
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
     # X-VLM's region batches run RandomAugment over the photometric ops only (no shear, translate or rotate),
@@ -249,6 +250,8 @@ def plan_augment(
         crop = crop_window_for_box(rng, keep_box, width, height)
     elif config.crop_mode == "mdetr":
         crop = mdetr_crop_window(rng, width, height)
+    elif config.crop_mode == "none":
+        crop = (0.0, 0.0, float(width), float(height))
     else:
         crop = random_resized_crop(rng, width, height, config.crop_scale, config.crop_ratio)
     flip = rng.random() < config.hflip_prob

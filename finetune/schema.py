@@ -26,7 +26,7 @@ class FinetuneData:
     shuffle_buffer: int = 500
     decoder: str = "pil"                          # pil | dali | auto
     crop_scale: tuple[float, float] = (0.5, 1.0)
-    crop_mode: str = "random_resized"             # or mdetr: PEVL's random resize + size crop
+    crop_mode: str = "random_resized"             # or mdetr: PEVL's random resize + size crop; none: whole image
     randaugment: bool = True
     hflip: bool = True
     hdfs_command: str = "hdfs dfs -cat"

@@ -13,7 +13,8 @@ Text (PEVL's ``pseudo_seq_gen``): an object reference is written ``name @@ p p p
 (QA->R). Training: each sample gives its four answers and, when it has rationales, its four rationales, the right
 ones labelled 1 and the others 0, and the ITM head's cross-entropy over them (PEVL adds ITC on the same pairs; it
 is left out here). Flips are off in the configs: the loader swaps left/right in ``json.question`` only, not in the
-choices. Evaluation: the choice with the highest ITM "match" logit; ``accuracy`` is Q->A, with ``qa2r`` (QA->R,
+choices; crops too (``data.crop_mode: none``): a region whose box leaves the crop is dropped, and a text referring
+to it fails. Evaluation: the choice with the highest ITM "match" logit; ``accuracy`` is Q->A, with ``qa2r`` (QA->R,
 given the right answer) and ``q2ar`` (both right) beside it; ``chance`` 25 (``chance_q2ar`` 6.25).
 """
 
@@ -64,7 +65,12 @@ class VCRBatch:
                                   for choice in meta["rationale_choices"]]
                     blocks.append(("qa2r", [[question, sep, right, sep, rationale] for rationale in rationales],
                                    meta.get("rationale_label")))
-            except (KeyError, TypeError, IndexError) as error:
+            except KeyError as error:
+                # The builder checks every reference against bbox_list; a region is missing here when the training
+                # crop removed it (regions whose box leaves the crop are dropped).
+                raise DataError(f"VCR sample {key!r}: {error.args[0]}; a crop can remove a referenced object: train "
+                                "VCR with data.crop_mode: none (the whole image)") from None
+            except (TypeError, IndexError) as error:
                 raise DataError(f"VCR sample {key!r}: {error} (build with --format vcr)") from None
             for kind, block, label in blocks:
                 if len(block) != CHOICES:

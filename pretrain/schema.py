@@ -17,7 +17,7 @@ from pretrain.config import require, require_at_least, require_choice
 
 DATA_MODES = ("exact", "resampled")       # data_shards.reader.MODES
 DECODERS = ("pil", "dali", "auto")       # data_shards.loader.DECODERS
-CROP_MODES = ("random_resized", "mdetr")  # data_shards.boxes.CROP_MODES
+CROP_MODES = ("random_resized", "mdetr", "none")  # data_shards.boxes.CROP_MODES
 ITM_HEADS = ("linear", "mlp")            # pretrain.models.albef.build_itm_head
 SCHEDULES = ("cosine", "linear")         # pretrain.engine.lr_schedule
 NO_DECAY_RULES = ("albef", "xvlm")       # pretrain.task.parameter_groups
@@ -127,7 +127,7 @@ class DataConfig:
     shuffle_buffer: int = 1000
     decoder: str = "auto"                         # pil | dali | auto
     crop_scale: tuple[float, float] = (0.2, 1.0)
-    crop_mode: str = "random_resized"             # or mdetr: PEVL's random resize + size crop
+    crop_mode: str = "random_resized"             # or mdetr: PEVL's random resize + size crop; none: whole image
     randaugment: bool = True
     hflip: bool = True
     hdfs_command: str = "hdfs dfs -cat"

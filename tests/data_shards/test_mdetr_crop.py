@@ -48,3 +48,10 @@ def test_the_plan_uses_the_window_and_boxes_follow_it():
         assert keep.all() and boxes[0].tolist() == pytest.approx([0, 0, 64, 64], abs=1e-3)
     with pytest.raises(ValueError, match="crop_mode"):
         TransformConfig(crop_mode="square")
+
+
+def test_crop_mode_none_keeps_the_whole_image_and_every_box():
+    config = TransformConfig(image_size=64, crop_mode="none", hflip_prob=0.0, randaugment_ops=0)
+    for seed in range(5):
+        plan = plan_augment(random.Random(seed), 300, 120, config)
+        assert plan.crop == (0.0, 0.0, 300.0, 120.0)

@@ -15,6 +15,7 @@ import torch
 
 from data_shards.__main__ import main as data_shards_main
 from finetune import gqa, prompt_grounding, vcr, vrd
+from finetune.loop import DataError
 from finetune.prompting import Candidate, assemble, rank_candidates
 from pretrain.config import resolve_path
 from pretrain.text.pevl_batch import pseudo_caption, reference_text
@@ -242,6 +243,14 @@ def test_vcr_rows_write_references_with_positions_and_label_the_right_choices(to
         "## is left of square @@ [pos_256] [pos_256] [pos_511] [pos_511] ## circle @@ [pos_0] [pos_0] [pos_256] "
         "[pos_256] ## is green")
 
+
+
+def test_a_vcr_reference_to_a_cropped_away_object_names_the_setting_that_keeps_it(tokenizer):
+    # The crop dropped region 1 (its box left the window); the answer still refers to it.
+    meta = {"regions": [{"box": [0.0, 0.0, 32.0, 32.0], "label": "circle", "index": 0}],
+            "question": ["where", "is", [0], "?"], "answer_choices": [[[1]], ["a"], ["b"], ["c"]], "answer_label": 0}
+    with pytest.raises(DataError, match="object 1 of a VCR text has no region.*data.crop_mode: none"):
+        vcr.VCRBatch(tokenizer, vcr.Options(), train=True)(image_batch([meta], ["where is circle ?"]))
 
 def test_vcr_metrics():
     predictions = [{"q2a": {"choice": 0, "label": 0}, "qa2r": {"choice": 1, "label": 1}},
