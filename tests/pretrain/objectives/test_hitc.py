@@ -44,7 +44,7 @@ def test_loss_is_the_weighted_sum_of_per_pair_infonce_on_projected_normalised_cl
     expected = sum(weight * _loop_infonce(F.normalize(vision[i](image_cls[i]).double(), dim=-1),
                                           F.normalize(text[i](text_cls[i]).double(), dim=-1), 0.07)
                    for i, weight in enumerate(weights))
-    assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+    assert loss.item() == pytest.approx(float(expected), rel=1e-5)
     loss.backward()
     assert all(projection.weight.grad is not None for projection in (*vision, *text))
 
