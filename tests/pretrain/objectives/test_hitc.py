@@ -74,12 +74,12 @@ def test_objective_reads_layer_normed_vit_cls_of_chosen_blocks_and_chosen_text_l
     for index, layer in enumerate(text_encoder.bert.encoder.layer[: text_encoder.fusion_layer], start=1):
         text_hidden = layer(text_hidden, mask)
         text_states[index] = text_hidden[:, 0]
-    temp = float(model.temp)
+    temp = model.temp.item()
     expected = sum(weight * _loop_infonce(
         F.normalize(objective.vision_proj_hidden[i](image_states[image_layer]).double(), dim=-1),
         F.normalize(objective.text_proj_hidden[i](text_states[text_layer]).double(), dim=-1), temp)
         for i, (image_layer, text_layer, weight) in enumerate(zip((1, 3), (2, 1), (1.0, 0.25), strict=True)))
-    assert float(term) == pytest.approx(float(expected), rel=1e-5)
+    assert term.item() == pytest.approx(float(expected), rel=1e-5)
 
 
 @pytest.mark.parametrize("options, message", [
