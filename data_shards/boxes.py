@@ -377,7 +377,9 @@ def transform_meta(
 ) -> dict:
     """A new meta whose boxes and texts match the augmented image; ``meta`` is not modified.
 
-    ``regions[*].box`` move (regions whose box vanished are dropped, order kept); with ``config.region_crop``
+    ``regions[*].box`` move (regions whose box vanished are dropped, order kept; a dropped region with an
+    ``index`` and a ``label``, an object that texts refer to by number as VCR's do, is listed as ``{index, label}``
+    under ``cropped_out`` so that those texts can still name it); with ``config.region_crop``
     each kept region also gets ``visible``, the share of its source box's area inside the crop window (what
     X-VLM's ``min_perc_in_image`` tests), ``box`` (RefCOCO
     target) and ``proposals`` move and are kept even when clipped; ``width``/``height`` become the
@@ -404,9 +406,11 @@ def transform_meta(
         source_boxes = [region["box"] for region in regions]
         moved, keep = transform_boxes(source_boxes, plan)
         visible = visible_fractions(source_boxes, plan.crop) if config.region_crop else None
-        new_regions = []
+        new_regions, cropped_out = [], []
         for index, (region, box, kept) in enumerate(zip(result["regions"], moved, keep, strict=True)):
             if not kept:
+                if "index" in region and "label" in region:
+                    cropped_out.append({"index": region["index"], "label": region["label"]})
                 continue
             region["box"] = [float(value) for value in box]
             if visible is not None:
@@ -417,6 +421,8 @@ def transform_meta(
                 region["span"] = [new_offset(int(offset)) for offset in region["span"]]
             new_regions.append(region)
         result["regions"] = new_regions
+        if cropped_out:
+            result["cropped_out"] = cropped_out
     if meta.get("box") is not None:
         result["box"] = _moved_list(meta["box"], plan)
     for proposal_index, proposal in enumerate(meta.get("proposals") or []):

@@ -13,9 +13,10 @@ Text (PEVL's ``pseudo_seq_gen``): an object reference is written ``name @@ p p p
 (QA->R). Training: each sample gives its four answers and, when it has rationales, its four rationales, the right
 ones labelled 1 and the others 0, and the ITM head's cross-entropy over them (PEVL adds ITC on the same pairs; it
 is left out here). Flips are off in the configs: the loader swaps left/right in ``json.question`` only, not in the
-choices; crops too (``data.crop_mode: none``): a region whose box leaves the crop is dropped, and a text referring
-to it fails. Evaluation: the choice with the highest ITM "match" logit; ``accuracy`` is Q->A, with ``qa2r`` (QA->R,
-given the right answer) and ``q2ar`` (both right) beside it; ``chance`` 25 (``chance_q2ar`` 6.25).
+choices. The configs train on the whole image (``data.crop_mode: none``) so that every reference keeps its
+position tokens; under a crop, an object cut off is written by its name alone. Evaluation: the choice with the
+highest ITM "match" logit; ``accuracy`` is Q->A, with ``qa2r`` (QA->R, given the right answer) and ``q2ar``
+(both right) beside it; ``chance`` 25 (``chance_q2ar`` 6.25).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from torch import nn
 
 from finetune.loop import DataError, TaskSpec, run
 from finetune.prompting import assemble, backbone_with_positions, freeze
-from pretrain.text.pevl_batch import reference_text
+from pretrain.text.pevl_batch import referable_objects, reference_text
 from pretrain.text.positions import with_position_tokens
 
 CHOICES = 4
@@ -53,24 +54,20 @@ class VCRBatch:
         sep = (self.tokenizer.sep_token_id,)
         rows, labels, samples, kinds, truth = [], [], [], [], []
         for index, (key, meta) in enumerate(zip(batch["__key__"], batch["meta"], strict=True)):
-            objects = {int(region["index"]): region for region in meta.get("regions") or []}
+            objects, cropped_out = referable_objects(meta)
             try:
-                question = reference_text(meta["question"], objects, width, height)
-                answers = [reference_text(choice, objects, width, height) for choice in meta["answer_choices"]]
+                question = reference_text(meta["question"], objects, width, height, cropped_out=cropped_out)
+                answers = [reference_text(choice, objects, width, height, cropped_out=cropped_out)
+                           for choice in meta["answer_choices"]]
                 blocks = [("q2a", [[question, sep, answer] for answer in answers], meta.get("answer_label"))]
                 with_rationales = meta.get("rationale_choices") and meta.get("answer_label") is not None
                 if self.options.rationales and with_rationales:
                     right = answers[meta["answer_label"]]
-                    rationales = [reference_text(choice, objects, width, height)
+                    rationales = [reference_text(choice, objects, width, height, cropped_out=cropped_out)
                                   for choice in meta["rationale_choices"]]
                     blocks.append(("qa2r", [[question, sep, right, sep, rationale] for rationale in rationales],
                                    meta.get("rationale_label")))
-            except KeyError as error:
-                # The builder checks every reference against bbox_list; a region is missing here when the training
-                # crop removed it (regions whose box leaves the crop are dropped).
-                raise DataError(f"VCR sample {key!r}: {error.args[0]}; a crop can remove a referenced object: train "
-                                "VCR with data.crop_mode: none (the whole image)") from None
-            except (TypeError, IndexError) as error:
+            except (KeyError, TypeError, IndexError) as error:
                 raise DataError(f"VCR sample {key!r}: {error} (build with --format vcr)") from None
             for kind, block, label in blocks:
                 if len(block) != CHOICES:

@@ -30,10 +30,23 @@ from pretrain.text.positions import NUM_BINS, insert_positions, marker_text, qua
 MAX_WORDS = 200  # PEVL's pre_caption limit for pseudo-captions
 
 
+class UnknownObject(KeyError):
+    """A VCR text refers to an object the sample has no region for."""
+
+
+def referable_objects(meta: dict) -> tuple[dict[int, dict], dict[int, str]]:
+    """A VCR sample's objects by index: those in view (``regions``: ``label``, ``box``), and the names of those a
+    crop removed (``cropped_out``, written by ``data_shards.boxes.transform_meta``)."""
+    return ({int(region["index"]): region for region in meta.get("regions") or []},
+            {int(entry["index"]): str(entry["label"]) for entry in meta.get("cropped_out") or []})
+
+
 def reference_text(tokens: list, objects: dict[int, dict], width: float, height: float,
-                   num_bins: int = NUM_BINS) -> str:
+                   num_bins: int = NUM_BINS, cropped_out: dict[int, str] | None = None) -> str:
     """A VCR token list as text, each object reference ``[i, ...]`` as ``name @@ p p p p ##`` (several objects
-    joined by "and", PEVL's ``pseudo_seq_gen``); ``objects`` maps an index to its region (``label``, ``box``)."""
+    joined by "and", PEVL's ``pseudo_seq_gen``); ``objects`` maps an index to its region (``label``, ``box``).
+    An object a crop removed (``cropped_out``: index -> name) is written by its name alone, as a caption's phrase
+    whose box a crop cuts off loses its marker."""
     words = []
     for token in tokens:
         if isinstance(token, str):
@@ -42,9 +55,12 @@ def reference_text(tokens: list, objects: dict[int, dict], width: float, height:
         named = []
         for index in token:
             region = objects.get(int(index))
-            if region is None:
-                raise KeyError(f"object {index} of a VCR text has no region")
-            named.append(str(region["label"]) + marker_text(quantise_box(region["box"], width, height, num_bins)))
+            if region is not None:
+                named.append(str(region["label"]) + marker_text(quantise_box(region["box"], width, height, num_bins)))
+            elif cropped_out and int(index) in cropped_out:
+                named.append(cropped_out[int(index)])
+            else:
+                raise UnknownObject(f"object {index} of a VCR text has no region")
         words.append(" and ".join(named))
     return " ".join(words)
 
@@ -52,11 +68,11 @@ def reference_text(tokens: list, objects: dict[int, dict], width: float, height:
 def pseudo_caption(text: str, meta: dict, width: float, height: float, num_bins: int = NUM_BINS) -> str:
     """The caption with position markers for the sample's boxes (see the module docstring), not yet cleaned."""
     if meta.get("answer_choices") is not None and meta.get("answer_label") is not None:
-        objects = {int(region["index"]): region for region in meta.get("regions") or []}
+        objects, cropped_out = referable_objects(meta)
         parts = [meta["question"], meta["answer_choices"][meta["answer_label"]]]
         if meta.get("rationale_choices") and meta.get("rationale_label") is not None:
             parts.append(meta["rationale_choices"][meta["rationale_label"]])
-        return " ".join(reference_text(part, objects, width, height, num_bins) for part in parts)
+        return " ".join(reference_text(part, objects, width, height, num_bins, cropped_out) for part in parts)
     regions = [region for region in meta.get("regions") or [] if region.get("span") is not None]
     if regions:
         spans = [region["span"] for region in regions]

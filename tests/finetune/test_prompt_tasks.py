@@ -14,11 +14,12 @@ import pytest
 import torch
 
 from data_shards.__main__ import main as data_shards_main
+from data_shards.boxes import AugmentPlan, TransformConfig, transform_meta
 from finetune import gqa, prompt_grounding, vcr, vrd
 from finetune.loop import DataError
 from finetune.prompting import Candidate, assemble, rank_candidates
 from pretrain.config import resolve_path
-from pretrain.text.pevl_batch import pseudo_caption, reference_text
+from pretrain.text.pevl_batch import pseudo_caption, referable_objects, reference_text
 from pretrain.text.positions import with_position_tokens
 from pretrain.text.tokenizer import build_tokenizer
 from tests.finetune.conftest import read_results, run_finetune, write_finetune_config, write_micro_batch_config
@@ -245,12 +246,27 @@ def test_vcr_rows_write_references_with_positions_and_label_the_right_choices(to
 
 
 
-def test_a_vcr_reference_to_a_cropped_away_object_names_the_setting_that_keeps_it(tokenizer):
-    # The crop dropped region 1 (its box left the window); the answer still refers to it.
-    meta = {"regions": [{"box": [0.0, 0.0, 32.0, 32.0], "label": "circle", "index": 0}],
-            "question": ["where", "is", [0], "?"], "answer_choices": [[[1]], ["a"], ["b"], ["c"]], "answer_label": 0}
-    with pytest.raises(DataError, match="object 1 of a VCR text has no region.*data.crop_mode: none"):
-        vcr.VCRBatch(tokenizer, vcr.Options(), train=True)(image_batch([meta], ["where is circle ?"]))
+def test_a_vcr_object_a_crop_removed_is_named_without_position_and_an_unknown_one_is_refused(tokenizer):
+    meta = {"regions": [{"box": [0.0, 0.0, 32.0, 32.0], "label": "circle", "index": 0},
+                        {"box": [100.0, 100.0, 120.0, 120.0], "label": "square", "index": 1}],
+            "question": ["where", "is", [0], "?"], "answer_choices": [[[0, 1]], ["a"], ["b"], ["c"]],
+            "answer_label": 0}
+    # A crop of the top-left 64 x 64 pixels: the square leaves the image.
+    plan = AugmentPlan((0.0, 0.0, 64.0, 64.0), False, (64, 64), None, ())
+    cropped = transform_meta(meta, plan, TransformConfig(image_size=64))
+    assert [r["index"] for r in cropped["regions"]] == [0]
+    assert cropped["cropped_out"] == [{"index": 1, "label": "square"}]
+    out = vcr.VCRBatch(tokenizer, vcr.Options(), train=True)(image_batch([cropped], ["where is circle ?"]))
+    assert out["input_ids"].shape[0] == 4
+    objects, cropped_out = referable_objects(cropped)
+    assert " ".join(reference_text([[0, 1]], objects, 64, 64, cropped_out=cropped_out).split()) == (
+        "circle @@ [pos_0] [pos_0] [pos_256] [pos_256] ## and square")
+    # Second-stage pretraining writes the same texts from a cropped sample.
+    assert " ".join(pseudo_caption("", cropped, 64, 64).split()).endswith("## and square")
+    unknown = {**meta, "answer_choices": [[[2]], ["a"], ["b"], ["c"]]}
+    with pytest.raises(DataError, match="object 2 of a VCR text has no region.*build with --format vcr"):
+        vcr.VCRBatch(tokenizer, vcr.Options(), train=True)(image_batch([unknown], ["where is circle ?"]))
+
 
 def test_vcr_metrics():
     predictions = [{"q2a": {"choice": 0, "label": 0}, "qa2r": {"choice": 1, "label": 1}},
