@@ -121,7 +121,6 @@ def test_grounding_metrics_against_hand_counts():
     assert metrics["chance"] == 0.0
 
 
-
 @pytest.mark.parametrize("shift, exact, within", [(0, 100.0, 100.0), (5, 0.0, 100.0), (9, 0.0, 0.0)])
 def test_predicted_bins_are_read_on_the_position_slice_of_the_vocabulary(tokenizer, monkeypatch, shift, exact, within):
     # Logits rigged to peak on the vocabulary id of each slot's true bin plus `shift`, with a higher word logit
@@ -243,7 +242,6 @@ def test_vcr_rows_write_references_with_positions_and_label_the_right_choices(to
         "where is circle @@ [pos_0] [pos_0] [pos_256] [pos_256] ## ? circle @@ [pos_0] [pos_0] [pos_256] [pos_256] "
         "## is left of square @@ [pos_256] [pos_256] [pos_511] [pos_511] ## circle @@ [pos_0] [pos_0] [pos_256] "
         "[pos_256] ## is green")
-
 
 
 def test_a_vcr_object_a_crop_removed_is_named_without_position_and_an_unknown_one_is_refused(tokenizer):
